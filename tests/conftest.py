@@ -1,0 +1,5 @@
+"""Tests import the flat modules from the repository root, whatever directory pytest starts in."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
