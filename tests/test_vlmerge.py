@@ -1,0 +1,191 @@
+"""vlmerge.py: the recipe end to end (smoke preset), the report's numbers traceable to results.json,
+the merge / distance / eval commands, the paper preset's dry run, and `bench --quick`."""
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import merge
+import train
+import vlmerge
+from model import build_model, shared_key
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*argv, timeout=300):
+    return subprocess.run([sys.executable, "vlmerge.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def msa_checkpoint(path, seed=0, variant="msa"):
+    torch.manual_seed(seed)
+    model = build_model("vit_tiny", variant, vocab_size=60, image_size=32, patch_size=8, depth=2, fusion_layers=1)
+    with torch.no_grad():  # experts that differ, as after VL pre-training
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    checkpoint = {"model": model.state_dict(), "config": dataclasses.asdict(model.cfg), "arch": "vit_tiny",
+                  "variant": variant, "task": "pretrain", "step": 1}
+    train.save_checkpoint(path, checkpoint)
+    return checkpoint
+
+
+# --- the recipe ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("recipe") / "smoke")
+    vlmerge.main(["recipe", "--preset", "smoke", "--out", out])
+    return out
+
+
+def numbers_in(obj):
+    """Every number in a JSON value, as the report may print it."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from numbers_in(k)
+            yield from numbers_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from numbers_in(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield float(obj)
+    elif isinstance(obj, str):
+        for token in re.findall(r"-?\d+(?:\.\d+)?", obj):
+            yield float(token)
+
+
+def test_smoke_recipe_writes_report_and_results(smoke):
+    report = open(os.path.join(smoke, "REPORT.md")).read()
+    results = json.load(open(os.path.join(smoke, "results.json")))
+    for heading in ("## Findings", "## Table 1", "## Fig. 3", "## Table 2", "## Table 3", "## Fig. 4", "## Table 5",
+                    "## Seed-to-seed spread"):
+        assert heading in report, heading
+    # every stage left its output: the init ViT, pre-training, merges, zero-shot, fine-tuning, ablation
+    for path in ("init_vit/vit.pt", "maa/ckpt.pt", "msa/ckpt.pt", "seed0.5/ckpt.pt", "msa_seed0.5/ckpt.pt",
+                 "merged/msa~interpolation0.5.pt", "merged/msa_seed0.5~regmean1.0.pt",
+                 "zero_shot/msa_seed0.5~modality_arithmetic1.0/metrics.json",
+                 "finetune/vqa/maa/metrics.json", "finetune/seg/msa/metrics.json",
+                 "custom_ln_seed0.5/ckpt.pt", "finetune/vqa/custom_ffn_seed0.5~interpolation0.75/metrics.json"):
+        assert os.path.exists(os.path.join(smoke, path)), path
+    assert len(results["findings"]) >= 6
+    assert set(results["table5"]["rows"]) == {"msa", "msa_seed0.5"}
+
+
+def test_every_number_in_the_report_is_finite_and_traceable_to_results_json(smoke):
+    report = open(os.path.join(smoke, "REPORT.md")).read()
+    results = json.load(open(os.path.join(smoke, "results.json")))
+    known = set()
+    for x in numbers_in(results):
+        for digits in range(0, 5):
+            known.add(f"{x:.{digits}f}")
+        known.add(str(x))
+        known.add(str(int(x)) if x == int(x) else str(x))
+    table_cells = [cell.strip() for line in report.splitlines() if line.startswith("|")
+                   for cell in line.strip("|").split("|")]
+    checked = 0
+    for cell in table_cells:
+        for token in re.findall(r"-?\d+\.\d+", cell):
+            assert math.isfinite(float(token)), cell
+            assert token in known, f"{token!r} in report cell {cell!r} is not in results.json"
+            checked += 1
+    assert checked > 50
+
+
+def test_recipe_rerun_reuses_finished_stages(smoke):
+    mtime = os.path.getmtime(os.path.join(smoke, "msa", "ckpt.pt"))
+    before = json.load(open(os.path.join(smoke, "results.json")))
+    vlmerge.main(["recipe", "--preset", "smoke", "--out", smoke])
+    assert os.path.getmtime(os.path.join(smoke, "msa", "ckpt.pt")) == mtime
+    after = json.load(open(os.path.join(smoke, "results.json")))
+    assert after["models"]["msa"]["zero_shot"] == before["models"]["msa"]["zero_shot"]
+
+
+def test_paper_preset_dry_run_builds_every_stage(tmp_path):
+    result = vlmerge.main(["recipe", "--preset", "paper", "--init", "beit_base.pt", "--dry-run",
+                           "--out", str(tmp_path / "paper")])
+    plan = result["plan"]
+    assert any("--arch vit_base" in line and "--steps 200000" in line and "--variant msa" in line for line in plan)
+    assert any("--steps 100000" in line and "seed0.5" in line for line in plan)  # K_seed = K_VL = 100k
+    assert any("--task nlvr2" in line for line in plan) and any("custom_attn" in line for line in plan)
+    assert not os.path.exists(tmp_path / "paper" / "maa" / "ckpt.pt")  # nothing was trained
+
+
+def test_paper_preset_without_init_is_one_clear_error(tmp_path):
+    proc = cli("recipe", "--preset", "paper", "--dry-run", "--out", str(tmp_path / "p"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: preset needs --init PATH")
+
+
+# --- merge / distance / eval commands ------------------------------------------------------------
+
+def test_merge_command_writes_a_maa_checkpoint_equal_to_merge_modalities(tmp_path):
+    src = msa_checkpoint(str(tmp_path / "msa.pt"))
+    proc = cli("merge", str(tmp_path / "msa.pt"), "--method", "interpolation", "--alpha", "0.75",
+               "-o", str(tmp_path / "maa.pt"))
+    assert proc.returncode == 0, proc.stderr
+    out = train.load_checkpoint(str(tmp_path / "maa.pt"))
+    expected = merge.merge_modalities(src["model"], "interpolation", alpha=0.75)
+    assert out["variant"] == "maa" and out["config"]["variant"] == "maa"
+    assert set(out["model"]) == set(expected) and all(torch.equal(out["model"][k], expected[k]) for k in expected)
+    model = train.model_from_checkpoint(out)
+    model.load_state_dict(out["model"], strict=True)
+
+
+def test_merge_command_errors_are_one_line(tmp_path):
+    msa_checkpoint(str(tmp_path / "msa.pt"))
+    proc = cli("merge", str(tmp_path / "msa.pt"), "--method", "modality_arithmetic", "-o", str(tmp_path / "o.pt"))
+    assert proc.returncode == 2 and "needs --init-state" in proc.stderr
+    assert not os.path.exists(tmp_path / "o.pt")
+    proc = cli("merge", str(tmp_path / "missing.pt"), "--method", "interpolation", "-o", str(tmp_path / "o.pt"))
+    assert proc.returncode == 2 and "missing.pt does not exist" in proc.stderr
+
+
+def test_distance_command_matches_merge_metrics(tmp_path):
+    src = msa_checkpoint(str(tmp_path / "msa.pt"))
+    msa_checkpoint(str(tmp_path / "msa2.pt"), seed=1)
+    proc = cli("distance", str(tmp_path / "msa.pt"), "--json", str(tmp_path / "d.json"))
+    assert proc.returncode == 0, proc.stderr
+    got = json.load(open(tmp_path / "d.json"))
+    v, l = merge.modality_weights(src["model"])
+    assert got["tssd"] == pytest.approx(merge.tssd(v, l)) and got["l2"] == pytest.approx(merge.l2_distance(v, l))
+    assert "| tssd |" in proc.stdout
+    two = vlmerge.distances(src["model"], train.load_checkpoint(str(tmp_path / "msa2.pt"))["model"])
+    assert two["l2"] > 0
+
+
+def test_pearson_by_hand():
+    assert vlmerge.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert vlmerge.pearson([1, 2, 3], [3, 1, 2]) == pytest.approx(-0.5)
+    assert vlmerge.pearson([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_pretrain_flops_match_the_flop_counter():
+    """The analytic FLOP count of a training step agrees with torch's FlopCounterMode (matmuls only)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = build_model("vit_tiny", "msa", vocab_size=100, image_size=32, patch_size=8, depth=4)
+    batch = vlmerge.random_pretrain_batch(model.cfg, 4, 12, torch.device("cpu"), torch.Generator().manual_seed(0))
+    objective = train.Objective(model)
+    with FlopCounterMode(display=False) as counter:
+        objective(batch)[0].backward()
+    analytic = vlmerge.pretrain_flops(model.cfg, 4, 12)
+    assert abs(counter.get_total_flops() - analytic) / analytic < 0.05
+
+
+def test_bench_quick_prints_a_table_with_finite_ratios(tmp_path):
+    proc = cli("bench", "--quick", "--device", "cpu", "--json", str(tmp_path / "bench.json"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| benchmark | setting | ours | reference | ratio | target |" in proc.stdout
+    rows = json.load(open(tmp_path / "bench.json"))["rows"]
+    names = {r["benchmark"] for r in rows}
+    assert {"vision route fwd+bwd", "merge_modalities interpolation", "collect_grams", "distance tssd",
+            "synthetic world"} <= names
+    for r in rows:
+        if r["benchmark"] not in ("synthetic world",) and not r["benchmark"].startswith("pre-training"):
+            assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r

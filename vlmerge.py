@@ -1,0 +1,950 @@
+"""vlmerge: the paper's recipe end to end, and the tools around it (Sung et al. 2023, Fig. 1).
+
+    python vlmerge.py recipe --preset tiny            # pre-train, merge, fine-tune, evaluate, REPORT.md
+    python vlmerge.py merge CKPT --method interpolation --alpha 0.75 -o merged.pt
+    python vlmerge.py distance CKPT [CKPT2]           # L2, cosine, SSD, TSSD (Sec. 7)
+    python vlmerge.py eval CKPT --task vqa
+    python vlmerge.py bench --quick                   # speed and memory vs references
+
+The recipe (`recipe`), stage by stage -- each stage is an ordinary train.py run or a merge, its
+output under OUT/<stage>/, reused when its metrics.json exists (so an interrupted recipe resumes):
+  0. init      the shared starting point W⁰: the paper uses BEiT, an image-only ViT; with nothing to
+               download we pre-train a plain ViT on the synthetic images (image classification) and
+               save it as a timm-format state dict, loaded through model.load_vit_weights.
+  1. Table 1   maa and msa pre-trained from W⁰; the merging baseline = that msa, interpolated α=0.5.
+  2. Fig. 3    seed pre-training: maa for K_seed steps, then msa from it for K_VL, K_seed + K_VL = K.
+  3. Table 2   the default seeded msa merged by interpolation (α), modality arithmetic (λ), RegMean (γ);
+           3b  every merged model scored right away by zero-shot retrieval (ITC), before fine-tuning.
+  4. Tables 1-3 fine-tuning on VQA, retrieval (and NLVR2 / classification / segmentation by preset).
+     4b Fig. 4 the shared-weight variants through the same seed -> VL -> merge -> fine-tune path.
+  5. Table 5   L2 / cosine / SSD / TSSD between the vision and language experts of each msa, the
+               merge drop, and the Pearson correlation of each metric with the drop.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import data
+import merge
+import train
+from model import ARCHS, VARIANTS, is_backbone_key
+
+# ----------------------------------------------------------------------------------------------
+# Presets: one small dataclass, three instances.
+
+@dataclasses.dataclass
+class Preset:
+    arch: str = "vit_tiny"
+    depth: int = 12
+    fusion_layers: int = 2
+    image_size: int = 224
+    patch_size: int = 16
+    max_len: int = 40
+    batch_size: int = 1024
+    lr: float = 2e-4
+    precision: str = "bf16"
+    init_steps: int = 0            # stage 0: image-only pre-training (0: --init must be given)
+    pretrain_steps: int = 200_000  # K = K_seed + K_VL (Sec. 4.3)
+    seed_fracs: tuple = (0.25, 0.5, 0.75)  # K_seed / K (Fig. 3: 50k, 100k, 150k of 200k)
+    default_frac: float = 0.5      # Sec. 6.1: K_seed = K_VL is the recipe
+    alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
+    lams: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
+    gammas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
+    gram_batches: int = 8
+    finetune: dict = dataclasses.field(default_factory=lambda: {"vqa": 1000, "retrieval": 1000})
+    finetune_lr: float = 1e-4
+    finetune_seeds: int = 1        # >1: the spread of one number over fine-tuning seeds
+    ablation: bool = True          # Fig. 4: custom_attn / custom_ffn / custom_ln
+    eval_split: str = "test"
+    data: dict = dataclasses.field(default_factory=dict)  # task -> real-format file ('paper')
+
+
+PRESETS = {
+    # every stage, a few steps each: the test suite runs this (about 2-3 minutes on 2 CPU cores)
+    "smoke": Preset(depth=2, fusion_layers=1, image_size=32, patch_size=8, max_len=24, batch_size=16, lr=1e-3,
+                    precision="fp32", init_steps=4, pretrain_steps=6, seed_fracs=(0.5,), gram_batches=2,
+                    alphas=(0.0, 0.5, 1.0), lams=(0.5, 1.0), gammas=(0.5, 1.0),
+                    finetune={"vqa": 3, "retrieval": 3, "nlvr2": 2, "cls": 2, "seg": 2}, finetune_lr=1e-3,
+                    finetune_seeds=2),
+    # the README's headline reproduction: about 15 minutes on 2 CPU cores
+    "tiny": Preset(depth=4, fusion_layers=2, image_size=32, patch_size=8, max_len=24, batch_size=64, lr=1e-3,
+                   precision="bf16", init_steps=150, pretrain_steps=400, seed_fracs=(0.25, 0.5, 0.75),
+                   gram_batches=8, finetune={"vqa": 150, "retrieval": 100}, finetune_lr=5e-4,
+                   finetune_seeds=3, ablation=False),
+    # Sec. 5 / Table 6: ViT-B/16 at 224 px, batch 1024, 200k steps; real data; GPUs via torchrun
+    "paper": Preset(arch="vit_base", init_steps=0, gram_batches=64,
+                    finetune={"vqa": 20_000, "retrieval": 20_000, "nlvr2": 10_000, "cls": 50_000, "seg": 40_000},
+                    finetune_lr=3e-5, finetune_seeds=1, ablation=True),
+}
+
+# The paper's numbers, beside which ours are reported (Tables 1, 2, 3, 5).
+PAPER = {
+    "table1": {"maa": [73.94, 83.91, 72.23], "msa": [75.14, 86.46, 74.67], "merging_baseline": [70.89, 77.38, 65.43]},
+    "table2": {
+        "interpolation": {0.0: [68.58, 75.25, 62.64], 0.25: [72.40, 81.34, 69.29], 0.5: [73.59, 83.64, 71.77],
+                          0.75: [73.91, 83.83, 72.30], 1.0: [73.15, 82.75, 71.25]},
+        "modality_arithmetic": {0.0: [73.44, 83.27, 70.84], 0.25: [73.85, 83.56, 71.61], 0.5: [73.59, 83.64, 71.77],
+                                0.75: [72.49, 80.22, 68.51], 1.0: [69.49, 73.94, 62.07]},
+        "regmean": {0.0: [74.14, 83.73, 72.03], 0.25: [74.17, 83.64, 72.20], 0.5: [74.13, 83.80, 72.18],
+                    0.75: [74.07, 83.80, 72.18], 1.0: [74.15, 83.71, 72.25]},
+    },
+    "table3": {"msa": [79.71, 83.25, 49.85], "maa": [78.39, 82.78, 48.65], "merging_baseline": [52.55, 82.90, 46.80],
+               "ours": [77.54, 83.00, 50.14]},  # NLVR2 acc, ImageNet top-1, ADE20k mIoU
+    "table5": {"k_seed": ["0", "50k", "100k", "150k"], "l2": [580.6, 496.8, 388.5, 284.6, 0.881],
+               "cosine": [0.371, 0.264, 0.163, 0.098, 0.938], "ssd": [0.198, 0.161, 0.125, 0.104, 0.939],
+               "tssd": [0.066, 0.037, 0.015, 0.006, 0.971], "drop": [9.16, 4.50, 2.80, 2.60]},
+}
+METRICS = {"l2": merge.l2_distance, "cosine": merge.cosine_dissimilarity, "ssd": merge.ssd, "tssd": merge.tssd}
+
+
+def fmt(x, digits=2):
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def pearson(xs, ys):
+    """Pearson correlation coefficient; None when either series is constant (or too short)."""
+    if len(xs) < 2:
+        return None
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
+
+
+def distances(state_dict, other=None) -> dict:
+    """The four Sec. 7 metrics: between the v and l experts of one state dict, or two state dicts."""
+    a, b = merge.modality_weights(state_dict) if other is None else (state_dict, other)
+    return {name: metric(a, b) for name, metric in METRICS.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Merging a checkpoint file (the `merge` command and recipe stage 3).
+
+def modality_forward(model, batch):
+    """Every expert sees its own modality: images -> v, text -> l, the pair -> vl (Fig. 2b).
+    This is the forward whose linear inputs RegMean's Gram matrices are collected from."""
+    mask = batch["attention_mask"]
+    image_lower = model.lower(model.embed_image(batch["images"]), "v")
+    text_lower = model.lower(model.embed_text(batch["input_ids"]), "l", mask.bool())
+    model.upper(image_lower, "v")
+    model.upper(text_lower, "l", mask.bool())
+    model.fuse(image_lower, text_lower, mask)
+
+
+def gram_batches(checkpoint, n_batches, batch_size, world_seed=0):
+    """n pre-training batches of the synthetic world (no augmentation, no masking needed)."""
+    cfg = checkpoint["config"]
+    world = data.SyntheticWorld(seed=world_seed, image_size=cfg["image_size"])
+    collate = data.Collator(world.tokenizer(), max_len=cfg["max_text_len"], image_size=cfg["image_size"])
+    loader = torch.utils.data.DataLoader(world.dataset("pretrain", "train"), batch_size, shuffle=False,
+                                         collate_fn=collate)
+    return [batch for _, batch in zip(range(n_batches), loader)]
+
+
+def merge_checkpoint(checkpoint, method, init=None, batches=None, **options) -> dict:
+    """A maa checkpoint merged from an msa-family one. `init` (a checkpoint) gives W_0 for the
+    methods that subtract it; `batches` feed RegMean's Gram matrices."""
+    state = checkpoint["model"]
+    if method in ("modality_arithmetic", "ties", "dare"):
+        if init is None:
+            raise ValueError(f"--method {method} needs --init-state (the seed / initial maa checkpoint: W_0)")
+        options["init_state"] = init["model"]
+    if method == "regmean":
+        if "config" not in checkpoint:
+            raise ValueError("--method regmean needs a vlmerge checkpoint (with 'config') to collect Gram matrices")
+        model = train.model_from_checkpoint(checkpoint)
+        model.load_state_dict(state, strict=True)
+        options["grams"] = merge.collect_grams(model, batches, forward=modality_forward)
+    merged = merge.merge_modalities(state, method, **options)
+    out = {k: v for k, v in checkpoint.items() if k in ("arch", "task", "step")}
+    if "config" in checkpoint:
+        out["config"] = {**checkpoint["config"], "variant": "maa"}
+    shown = {k: v for k, v in options.items() if isinstance(v, (int, float))}
+    return out | {"model": merged, "variant": "maa", "merge": {"method": method, **shown}}
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe.
+
+class Recipe:
+    """Runs the stages of the module docstring, caching each under OUT/<stage>/."""
+
+    def __init__(self, preset: Preset, out: str, init=None, dry_run=False):
+        self.p, self.out, self.init, self.dry_run = preset, out, init, dry_run
+        self.plan = []  # the train.py command lines, for --dry-run and the report
+        self.models = {}  # name -> {"ckpt": path, "variant": str, "zero_shot": {...}, task: {...}}
+        os.makedirs(out, exist_ok=True)
+
+    # -- running one stage ------------------------------------------------------------------------
+    def flags(self, task="pretrain"):
+        p = self.p
+        return ["--arch", p.arch, "--depth", str(p.depth), "--fusion-layers", str(p.fusion_layers),
+                "--image-size", str(p.image_size), "--patch-size", str(p.patch_size), "--max-len", str(p.max_len),
+                "--precision", p.precision, "--eval-split", p.eval_split, "--quiet", *p.data.get(task, [])]
+
+    def stage(self, name, argv) -> dict:
+        """One train.py run: reused when OUT/name/metrics.json exists."""
+        out = os.path.join(self.out, name)
+        argv = argv + ["--out", out]
+        self.plan.append("python train.py " + " ".join(argv))
+        metrics_path = os.path.join(out, "metrics.json")
+        if self.dry_run:
+            build_only(argv)
+            return {}
+        if not os.path.exists(metrics_path):
+            train.run(argv)
+        with open(metrics_path) as f:
+            return json.load(f)
+
+    def batch(self):
+        """The preset's batch is global (Sec. 5: 1024); under torchrun each rank takes its share."""
+        return str(max(1, self.p.batch_size // int(os.environ.get("WORLD_SIZE", 1))))
+
+    def ckpt(self, name):
+        return os.path.join(self.out, name, "ckpt.pt")
+
+    # -- stage 0: the image-only initialization W⁰ ------------------------------------------------
+    def initialization(self) -> str:
+        if self.init:
+            return self.init
+        if self.p.init_steps <= 0:
+            raise ValueError(f"preset needs --init PATH (a timm-format ViT, e.g. BEiT converted): it has no stage 0")
+        self.stage("init_vit", self.flags("cls") + ["--task", "cls", "--variant", "maa", "--steps", str(self.p.init_steps),
+                                                     "--batch-size", self.batch(), "--lr", str(self.p.lr)])
+        path = os.path.join(self.out, "init_vit", "vit.pt")
+        if not self.dry_run and not os.path.exists(path):
+            state = train.load_checkpoint(self.ckpt("init_vit"))["model"]
+            # maa keys are timm's keys: keep the backbone, rename the classifier to timm's `head`
+            vit = {k: v for k, v in state.items() if is_backbone_key(k)}
+            vit |= {"head." + k.split(".")[-1]: v for k, v in state.items() if k.startswith("cls_head.")}
+            train.save_checkpoint(path, vit)
+        return path
+
+    # -- stages 1-2: pre-training ------------------------------------------------------------------
+    def pretrain(self, name, variant, steps, init):
+        metrics = self.stage(name, self.flags() + ["--variant", variant, "--steps", str(steps), "--init", init,
+                                                   "--batch-size", self.batch(), "--lr", str(self.p.lr)])
+        self.models[name] = {"ckpt": self.ckpt(name), "variant": variant, "zero_shot": metrics}
+        return name
+
+    def seeded(self, variant, frac, w0):
+        """Seed pre-training (Sec. 4.3): maa for K_seed steps, then `variant` from it for K_VL."""
+        k_seed = round(frac * self.p.pretrain_steps)
+        seed = self.pretrain(f"seed{frac}", "maa", k_seed, w0)
+        return self.pretrain(f"{variant}_seed{frac}", variant, self.p.pretrain_steps - k_seed, self.ckpt(seed))
+
+    # -- stage 3: merging -------------------------------------------------------------------------
+    def merged(self, source, method, value, init_name=None):
+        """Merge model `source` and score it zero-shot (3b). Returns the merged model's name."""
+        option = {"interpolation": "alpha", "modality_arithmetic": "lam", "regmean": "gamma"}[method]
+        name = f"{source}~{method}{value}"
+        path = os.path.join(self.out, "merged", f"{name}.pt")
+        self.plan.append(f"python vlmerge.py merge {self.ckpt(source)} --method {method} --{option} {value} -o {path}")
+        if not self.dry_run and not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            checkpoint = train.load_checkpoint(self.ckpt(source))
+            init = train.load_checkpoint(self.models[init_name]["ckpt"]) if init_name else None
+            batches = gram_batches(checkpoint, self.p.gram_batches, self.p.batch_size) if method == "regmean" else None
+            train.save_checkpoint(path, merge_checkpoint(checkpoint, method, init, batches, **{option: value}))
+        zero_shot = self.stage(f"zero_shot/{name}", self.flags() + ["--variant", "maa", "--eval-only", "--init", path])
+        self.models[name] = {"ckpt": path, "variant": "maa", "zero_shot": zero_shot}
+        return name
+
+    def init_state_name(self, source):
+        """W_0 of modality arithmetic: the seed checkpoint that started `source` (Sec. 4.1)."""
+        frac = source.split("_seed")[-1]
+        return f"seed{frac}"
+
+    # -- stage 4: fine-tuning ---------------------------------------------------------------------
+    def finetune(self, name, task, seed=0):
+        model = self.models[name]
+        steps = self.p.finetune[task]
+        suffix = f"_s{seed}" if seed else ""
+        metrics = self.stage(f"finetune/{task}/{name}{suffix}",
+                             self.flags(task) + ["--task", task, "--variant", model["variant"], "--init", model["ckpt"],
+                                                 "--steps", str(steps), "--batch-size", self.batch(),
+                                                 "--lr", str(self.p.finetune_lr), "--warmup", str(steps // 10),
+                                                 "--seed", str(seed)])
+        model.setdefault("finetune", {}).setdefault(task, []).append(metrics)
+        return metrics
+
+    # -- the whole pipeline -----------------------------------------------------------------------
+    def run(self) -> dict:
+        p = self.p
+        w0 = self.initialization()
+        # 1. baselines (Table 1)
+        self.pretrain("maa", "maa", p.pretrain_steps, w0)
+        self.pretrain("msa", "msa", p.pretrain_steps, w0)
+        self.models["init"] = {"ckpt": w0}
+        self.merged("msa", "interpolation", 0.5)          # the merging baseline
+        # 2. seed pre-training sweep (Fig. 3), each msa merged with α = 0.5 as in Table 5
+        for frac in p.seed_fracs:
+            self.merged(self.seeded("msa", frac, w0), "interpolation", 0.5)
+        # 3. the three methods on the recipe's msa (Table 2)
+        ours = f"msa_seed{p.default_frac}"
+        if ours not in self.models:
+            self.merged(self.seeded("msa", p.default_frac, w0), "interpolation", 0.5)
+        for alpha in p.alphas:
+            self.merged(ours, "interpolation", alpha)
+        for lam in p.lams:
+            self.merged(ours, "modality_arithmetic", lam, init_name=self.init_state_name(ours))
+        for gamma in p.gammas:
+            self.merged(ours, "regmean", gamma)
+        best = self.merged(ours, "interpolation", 0.75)   # Sec. 6.4: "a ratio around 0.75"
+        # 4. fine-tuning (Tables 1, 3): maa, msa, merging baseline, ours
+        table = {"maa": "maa", "msa": "msa", "merging_baseline": "msa~interpolation0.5", "ours": best}
+        for task in p.finetune:
+            for name in table.values():
+                self.finetune(name, task)
+        for seed in range(1, p.finetune_seeds):           # seed-to-seed spread of one number
+            self.finetune(best, "vqa", seed)
+        # 4b. the shared-weight variants (Fig. 4)
+        ablation = {}
+        if p.ablation:
+            for variant in ("custom_attn", "custom_ffn", "custom_ln"):
+                before = self.seeded(variant, p.default_frac, w0)
+                after = self.merged(before, "interpolation", 0.75)
+                for name in (before, after):
+                    self.finetune(name, "vqa")
+                ablation[variant] = {"before": before, "after": after}
+        ablation["msa"] = {"before": ours, "after": best}
+        # 5. distances vs the merge drop (Table 5)
+        table5 = self.distance_table()
+        return {"table": table, "ablation": ablation, "table5": table5}
+
+    def distance_table(self):
+        rows = {}
+        for name in ["msa"] + [f"msa_seed{f}" for f in self.p.seed_fracs]:
+            if self.dry_run:
+                continue
+            state = train.load_checkpoint(self.ckpt(name))["model"]
+            before = self.models[name]["zero_shot"]["avg"]
+            after = self.models[f"{name}~interpolation0.5"]["zero_shot"]["avg"]
+            rows[name] = distances(state) | {"drop": before - after}
+        drops = [r["drop"] for r in rows.values()]
+        corr = {m: pearson([r[m] for r in rows.values()], drops) for m in METRICS}
+        return {"rows": rows, "correlation": corr}
+
+
+def build_only(argv):
+    """--dry-run: check a stage's flags and build its model (on the meta device: no memory)."""
+    args = train.build_parser().parse_args(argv)
+    with torch.device("meta"):
+        train.build_model(args.arch, args.variant, args.task, vocab_size=30522, image_size=args.image_size,
+                          patch_size=args.patch_size, depth=args.depth, fusion_layers=args.fusion_layers,
+                          max_text_len=args.max_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# The report: every number in it is read from results.json.
+
+def first(model, task, key):
+    runs = model.get("finetune", {}).get(task)
+    return runs[0].get(key) if runs else None
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def section_table1(r):
+    rows = []
+    for label, name in r["table"].items():
+        m, paper = r["models"][name], PAPER["table1"].get(label, [None] * 3)
+        rows.append([label, fmt(first(m, "vqa", "vqa_score")), fmt(first(m, "retrieval", "tr_avg")),
+                     fmt(first(m, "retrieval", "ir_avg")), fmt(m["zero_shot"].get("avg")), *map(fmt, paper)])
+    return "## Table 1 — merging a modality-specific model, with and without seed pre-training\n\n" + table(
+        ["model", "VQA", "TR avg", "IR avg", "zero-shot R avg", "paper VQA", "paper TR", "paper IR"], rows) + \
+        "\n\nVQA = VQA score of the fine-tuned model; TR/IR avg = mean of R@1/5/10 after retrieval fine-tuning; " \
+        "zero-shot = mean of TR/IR avg of the pre-trained (or merged) model, before fine-tuning."
+
+
+def section_fig3(r):
+    rows = []
+    for row in seed_sweep(r):
+        rows.append([fmt(row["frac"]), row["steps"], fmt(row["before"]), fmt(row["after"]), fmt(row["drop"])])
+    return "## Fig. 3 — the length of seed pre-training (zero-shot retrieval, merged by interpolation α = 0.5)\n\n" + \
+        table(["K_seed / K", "K_seed steps", "msa before merging", "after merging", "drop"], rows)
+
+
+def seed_sweep(r):
+    k = r["preset"]["pretrain_steps"]
+    out = []
+    for frac in [0.0] + list(r["preset"]["seed_fracs"]):
+        name = "msa" if frac == 0 else f"msa_seed{frac}"
+        before = r["models"][name]["zero_shot"]["avg"]
+        after = r["models"][f"{name}~interpolation0.5"]["zero_shot"]["avg"]
+        out.append({"frac": frac, "steps": round(frac * k), "before": before, "after": after, "drop": before - after})
+    return out
+
+
+def section_table2(r):
+    ours = f"msa_seed{r['preset']['default_frac']}"
+    parts = []
+    for method, symbol, values in (("interpolation", "α", "alphas"), ("modality_arithmetic", "λ", "lams"),
+                                   ("regmean", "γ", "gammas")):
+        rows = []
+        for v in r["preset"][values]:
+            m = r["models"][f"{ours}~{method}{v}"]
+            paper = PAPER["table2"][method].get(v, [None] * 3)
+            rows.append([v, fmt(m["zero_shot"]["tr_avg"]), fmt(m["zero_shot"]["ir_avg"]),
+                         fmt(first(m, "vqa", "vqa_score")), *map(fmt, paper)])
+        parts.append(f"### {method} ({symbol})\n\n" + table(
+            [symbol, "zero-shot TR avg", "zero-shot IR avg", "VQA (fine-tuned)", "paper VQA", "paper TR", "paper IR"], rows))
+    return "## Table 2 — merging methods on the seeded msa (ours: right after merging; paper: after fine-tuning)\n\n" + \
+        "\n\n".join(parts)
+
+
+def section_table3(r):
+    tasks = [t for t in ("nlvr2", "cls", "seg") if t in r["preset"]["finetune"]]
+    if not tasks:
+        return ""
+    keys = {"nlvr2": "accuracy", "cls": "accuracy", "seg": "miou"}
+    rows = [[label, *[fmt(first(r["models"][name], t, keys[t])) for t in tasks], *map(fmt, PAPER["table3"][label])]
+            for label, name in r["table"].items()]
+    header = ["model", *[{"nlvr2": "NLVR2 acc", "cls": "cls top-1", "seg": "seg mIoU"}[t] for t in tasks],
+              "paper NLVR2", "paper ImageNet", "paper ADE20k"]
+    return "## Table 3 — more tasks (classification and segmentation fine-tune the vision route only)\n\n" + \
+        table(header, rows)
+
+
+def section_fig4(r):
+    rows = []
+    for variant, names in r["ablation"].items():
+        before, after = r["models"][names["before"]], r["models"][names["after"]]
+        rows.append([variant, fmt(first(before, "vqa", "vqa_score")), fmt(first(after, "vqa", "vqa_score")),
+                     fmt(before["zero_shot"]["avg"]), fmt(after["zero_shot"]["avg"])])
+    rows.append(["maa (reference)", fmt(first(r["models"]["maa"], "vqa", "vqa_score")), "–",
+                 fmt(r["models"]["maa"]["zero_shot"]["avg"]), "–"])
+    return "## Fig. 4 — shared-weight architectures, before and after merging (α = 0.75)\n\n" + table(
+        ["variant", "VQA before", "VQA after", "zero-shot before", "zero-shot after"], rows)
+
+
+def section_table5(r):
+    t5 = r["table5"]
+    names = list(t5["rows"])
+    rows = [[metric, *[fmt(t5["rows"][n][metric], 4) for n in names], fmt(t5["correlation"][metric], 3),
+             fmt(PAPER["table5"][metric][-1], 3)] for metric in METRICS]
+    rows.append(["merge drop (zero-shot R avg)", *[fmt(t5["rows"][n]["drop"]) for n in names], "", ""])
+    fracs = ["0"] + [str(f) for f in r["preset"]["seed_fracs"]]
+    return "## Table 5 — distance between the vision and language experts vs the merge drop\n\n" + table(
+        ["metric", *[f"K_seed/K = {f}" for f in fracs], "Pearson r with drop", "paper r"], rows)
+
+
+def findings(r) -> list:
+    """(claim, paper's direction, ours, replicates?) -- computed, never written by hand."""
+    m = r["models"]
+    zs = lambda name: m[name]["zero_shot"]["avg"]  # noqa: E731
+    sweep = seed_sweep(r)
+    ours = f"msa_seed{r['preset']['default_frac']}"
+    out = []
+    drop0, drop_seed = sweep[0]["drop"], next(s["drop"] for s in sweep if s["frac"] == r["preset"]["default_frac"])
+    out.append(("Merging without seed pre-training loses much of the msa's performance (Table 1)",
+                f"msa {fmt(zs('msa'))} → merged {fmt(zs('msa~interpolation0.5'))}", drop0 > 0))
+    out.append(("Seed pre-training shrinks the merge drop (Sec. 6.1)",
+                f"drop {fmt(drop0)} without seed vs {fmt(drop_seed)} with K_seed/K = {r['preset']['default_frac']}",
+                drop_seed < drop0))
+    a = {v: m[f"{ours}~interpolation{v}"]["zero_shot"]["avg"] for v in r["preset"]["alphas"]}
+    mid = max(a.get(0.5, -1), a.get(0.75, -1))
+    out.append(("Interpolation: α ≈ 0.5–0.75 beats either expert alone (Table 2a)",
+                f"best of α∈{{0.5, 0.75}} {fmt(mid)} vs α=0 {fmt(a.get(0.0))}, α=1 {fmt(a.get(1.0))}",
+                mid > max(a.get(0.0, -1), a.get(1.0, -1))))
+    if 0.0 in a and 1.0 in a:
+        out.append(("The vision expert alone beats the language expert alone (α=1 > α=0, Table 2a)",
+                    f"α=1 {fmt(a[1.0])} vs α=0 {fmt(a[0.0])}", a[1.0] > a[0.0]))
+    lam = {v: m[f"{ours}~modality_arithmetic{v}"]["zero_shot"]["avg"] for v in r["preset"]["lams"]}
+    if 0.5 in lam and 1.0 in lam:
+        out.append(("Modality arithmetic degrades at large λ (Table 2b)",
+                    f"λ=1 {fmt(lam[1.0])} vs λ=0.5 {fmt(lam[0.5])}", lam[1.0] < lam[0.5]))
+    g = [m[f"{ours}~regmean{v}"]["zero_shot"]["avg"] for v in r["preset"]["gammas"]]
+    out.append(("RegMean is about as good as the best interpolation (within 2 points) (Table 2c)",
+                f"RegMean best {fmt(max(g))} vs interpolation best {fmt(max(a.values()))}",
+                max(g) >= max(a.values()) - 2))
+    corr = r["table5"]["correlation"]
+    valid = {k: v for k, v in corr.items() if v is not None}
+    if valid:
+        top = max(valid, key=valid.get)
+        out.append(("TSSD correlates best with the merge drop (Table 5)",
+                    "Pearson r: " + ", ".join(f"{k} {fmt(v, 3)}" for k, v in valid.items()), top == "tssd"))
+    return out
+
+
+def write_report(r) -> str:
+    lines = [f"# vlmerge recipe — preset `{r['preset_name']}`", "",
+             f"{r['preset']['arch']} with depth {r['preset']['depth']} (M = {r['preset']['fusion_layers']}), "
+             f"{r['preset']['image_size']} px, K = {r['preset']['pretrain_steps']} pre-training steps, "
+             f"batch {r['preset']['batch_size']}; {fmt(r['seconds'] / 60, 1)} minutes on {r['device']}.", "",
+             "## Findings", "", table(["the paper's finding", "ours", "same direction?"],
+                                      [[c, o, "yes" if ok else "**no**"] for c, o, ok in r["findings"]]), ""]
+    for section in (section_table1, section_fig3, section_table2, section_table3, section_fig4, section_table5):
+        text = section(r)
+        if text:
+            lines += [text, ""]
+    if r.get("spread"):
+        s = r["spread"]
+        lines += ["## Seed-to-seed spread", "",
+                  f"VQA score of `ours` fine-tuned with {s['n']} seeds: mean {fmt(s['mean'])}, "
+                  f"std {fmt(s['std'])}, min {fmt(s['min'])}, max {fmt(s['max'])}.", ""]
+    return "\n".join(lines)
+
+
+def spread(model):
+    scores = [run["vqa_score"] for run in model.get("finetune", {}).get("vqa", [])]
+    if len(scores) < 2:
+        return None
+    return {"n": len(scores), "mean": statistics.fmean(scores), "std": statistics.stdev(scores),
+            "min": min(scores), "max": max(scores)}
+
+
+def plot_sweeps(r, path):
+    """Fig. 3 and Table 2 as a picture, when matplotlib is installed (an optional extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    sweep = seed_sweep(r)
+    axes[0].plot([s["frac"] for s in sweep], [s["before"] for s in sweep], "o-", label="msa before merging")
+    axes[0].plot([s["frac"] for s in sweep], [s["after"] for s in sweep], "s-", label="after (α=0.5)")
+    axes[0].set(xlabel="K_seed / K", ylabel="zero-shot retrieval", title="Fig. 3")
+    ours = f"msa_seed{r['preset']['default_frac']}"
+    for method, key in (("interpolation", "alphas"), ("modality_arithmetic", "lams"), ("regmean", "gammas")):
+        xs = r["preset"][key]
+        axes[1].plot(xs, [r["models"][f"{ours}~{method}{x}"]["zero_shot"]["avg"] for x in xs], "o-", label=method)
+    axes[1].set(xlabel="α / λ / γ", title="Table 2 (zero-shot)")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def run_recipe(args) -> dict:
+    preset = PRESETS[args.preset]
+    if args.ablation:
+        preset = dataclasses.replace(preset, ablation=True)
+    if args.data_config:
+        with open(args.data_config) as f:
+            preset = dataclasses.replace(preset, data=json.load(f))
+    out = args.out or os.path.join("runs", f"recipe_{args.preset}")
+    recipe = Recipe(preset, out, init=args.init, dry_run=args.dry_run)
+    start = time.time()
+    layout = recipe.run()
+    if args.dry_run:
+        print("\n".join(recipe.plan))
+        return {"plan": recipe.plan}
+    results = {"preset_name": args.preset, "preset": dataclasses.asdict(preset), "paper": PAPER,
+               "models": recipe.models, **layout, "seconds": time.time() - start,
+               "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"}
+    results["spread"] = spread(recipe.models[layout["table"]["ours"]])
+    results["findings"] = findings(results)
+    write_json(os.path.join(out, "results.json"), results)
+    report = write_report(json.loads(json.dumps(results)))  # exactly what results.json holds
+    with open(os.path.join(out, "REPORT.md"), "w") as f:
+        f.write(report)
+    plot_sweeps(results, os.path.join(out, "sweeps.png"))
+    print(report)
+    return results
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# bench: every figure is a ratio against a reference timed in the same process (median of repeats).
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, from the vendors' sheets
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device, repeats, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class PeakMemory:
+    """Peak bytes allocated inside a `with` block, above what was allocated when it began.
+
+    CUDA: the caching allocator's own counter. CPU: the process's resident set, sampled every
+    0.5 ms by a thread (torch ops release the GIL); glibc is told to mmap every block over 128 KiB
+    so that freed tensors really leave the resident set instead of hiding in malloc's free lists."""
+
+    def __init__(self, device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        import threading
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        set_mmap_threshold()
+        self.base = self.rss()
+        self.running = True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.rss() - self.base)
+            time.sleep(0.0005)
+
+    @staticmethod
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(self.peak, self.rss() - self.base)
+
+
+def set_mmap_threshold():
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD = 128 KiB, fixed
+    except (OSError, AttributeError):
+        pass
+
+
+def measure(fn, device, repeats):
+    """(median seconds, peak extra bytes of one call)."""
+    seconds = median_seconds(fn, device, repeats)
+    with PeakMemory(device) as mem:
+        fn()
+    return seconds, mem.peak
+
+
+def layer_flops(tokens, dim):
+    """Forward FLOPs of one block on a sequence: 24·T·D² for qkv/proj/fc1/fc2, 4·T²·D for attention."""
+    return 24 * tokens * dim * dim + 4 * tokens * tokens * dim
+
+
+def pretrain_flops(cfg, batch, text_len):
+    """Model FLOPs of one ITC+ITM+MLM training step (forward + backward = 3 × forward), from shapes.
+
+    Per pair: image and text through the lower N-M layers, both through the top M layers (ITC),
+    the masked text through the lower layers again (MLM), the fused sequence through the top M
+    layers four times (ITM positive + 2 negatives, MLM), and the MLM decoder on every text token."""
+    n_low, n_top, d = cfg.depth - cfg.fusion_layers, cfg.fusion_layers, cfg.dim
+    image = 1 + cfg.num_patches
+    fused = image + text_len
+    per_pair = (n_low * (layer_flops(image, d) + 2 * layer_flops(text_len, d))
+                + n_top * (layer_flops(image, d) + layer_flops(text_len, d) + 4 * layer_flops(fused, d))
+                + 2 * cfg.num_patches * 3 * cfg.patch_size ** 2 * d
+                + text_len * (2 * d * d + 2 * d * cfg.vocab_size))
+    return 3 * batch * per_pair
+
+
+def random_pretrain_batch(cfg, batch, text_len, device, generator):
+    ids = torch.randint(5, cfg.vocab_size, (batch, text_len), generator=generator)
+    labels = torch.where(torch.rand(batch, text_len, generator=generator) < 0.15, ids, -100)
+    return {"images": torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=generator).to(device),
+            "input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "mlm_input_ids": torch.where(labels >= 0, 3, ids).to(device), "mlm_labels": labels.to(device)}
+
+
+def bench_vision(args, device, shape, rows):
+    """Forward+backward of our encode_image vs torchvision's VisionTransformer, same shapes."""
+    from torchvision.models.vision_transformer import VisionTransformer
+    dim, heads = ARCHS[args.arch]["dim"], ARCHS[args.arch]["heads"]
+    size, patch, depth, batch, repeats = shape
+    autocast = torch.autocast(device.type, torch.bfloat16) if device.type == "cuda" else contextlib_null()
+    torch.manual_seed(0)
+    ref = VisionTransformer(size, patch, depth, heads, dim, 4 * dim).to(device)
+    images = torch.randn(batch, 3, size, size, device=device)
+
+    def ref_step():
+        with autocast:
+            x = ref._process_input(images)
+            x = ref.encoder(torch.cat([ref.class_token.expand(batch, -1, -1), x], dim=1))
+        x.float().mean().backward()
+    t_ref = median_seconds(ref_step, device, repeats)
+    for variant in VARIANTS:
+        model = train.build_model(args.arch, variant, image_size=size, patch_size=patch, depth=depth,
+                                  vocab_size=1000).to(device)
+
+        def step():
+            with autocast:
+                x = model.encode_image(images)
+            x.float().mean().backward()
+        t = median_seconds(step, device, repeats)
+        rows.append(["vision route fwd+bwd", variant, f"{1000 * t:.1f} ms", f"torchvision ViT {1000 * t_ref:.1f} ms",
+                     t / t_ref, "≤ 1.05"])
+
+
+def contextlib_null():
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def bench_pretrain(args, device, shape, rows, arch):
+    """A full ITC+ITM+MLM optimizer step: samples/s, tokens/s, and on CUDA the MFU."""
+    size, patch, depth, batch, repeats = shape
+    text_len = 40
+    model = train.build_model(arch, "msa", image_size=size, patch_size=patch, depth=depth).to(device)
+    objective = train.Objective(model)
+    runner = torch.compile(objective) if args.compile else objective
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    batch_data = random_pretrain_batch(model.cfg, batch, text_len, device, torch.Generator().manual_seed(0))
+    autocast = torch.autocast(device.type, torch.bfloat16)
+
+    def step():
+        with autocast:
+            loss, _ = runner(batch_data)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    t = median_seconds(step, device, repeats)
+    flops = pretrain_flops(model.cfg, batch, text_len)
+    achieved = flops / t / 1e12
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    label = f"{arch} msa, batch {batch}, {size} px" + (", compiled" if args.compile else "")
+    rows.append(["pre-training step (bf16)", label, f"{batch / t:.1f} img/s, {batch * text_len / t:.0f} tok/s",
+                 f"{achieved:.2f} TFLOP/s" + (f" of {peak:.0f} peak" if peak else ""),
+                 achieved / peak if peak else float("nan"), "MFU ≥ 0.45 (vit_base, H100, --compile)"])
+
+
+def bench_merge(args, device, arch, rows, repeats):
+    """merge_modalities vs a plain state-dict copy; RegMean's Gram collection vs bare forwards."""
+    with torch.device("cpu"):
+        model = train.build_model(arch, "msa", image_size=32 if args.quick else 224, patch_size=8 if args.quick else 16)
+    state = {k: v.to(device) for k, v in model.state_dict().items()}
+    size = sum(v.numel() * v.element_size() for v in state.values())
+    t_copy, m_copy = measure(lambda: {k: v.clone() for k, v in state.items()}, device, repeats)
+    rows.append(["state-dict copy (reference)", f"{arch} msa, {size / 2**20:.0f} MiB", f"{1000 * t_copy:.0f} ms",
+                 f"peak +{m_copy / size:.2f}× ckpt", 1.0, ""])
+    init = merge.merge_modalities(state, "interpolation", alpha=0.5)
+    grams = {k: torch.eye(v.shape[1], device=device) + 0.01 for k, v in state.items()
+             if v.dim() == 2 and merge.merged_key(k)[1] is not None}
+    methods = {"interpolation": {"alpha": 0.75}, "modality_arithmetic": {"lam": 0.5, "init_state": init},
+               "regmean": {"gamma": 0.5, "grams": grams}, "ties": {"density": 0.2, "lam": 1.0, "init_state": init},
+               "dare": {"p": 0.9, "lam": 0.5, "seed": 0, "init_state": init}}
+    for method, options in methods.items():
+        t, m = measure(lambda: merge.merge_modalities(state, method, **options), device, max(1, repeats // 2))
+        target = "≤ 2× time, ≤ 1.2× ckpt memory" if method == "interpolation" else ""
+        rows.append([f"merge_modalities {method}", f"{arch} msa", f"{1000 * t:.0f} ms",
+                     f"peak +{m / size:.2f}× ckpt", t / t_copy, target])
+    # Gram collection: the same forward passes with and without the hooks
+    model = model.to(device).eval()
+    cfg = model.cfg
+    batches = [random_pretrain_batch(cfg, 8, 40, device, torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def bare():
+        with torch.no_grad():
+            for b in batches:
+                modality_forward(model, b)
+    t_bare = median_seconds(bare, device, repeats)
+    t_gram = median_seconds(lambda: merge.collect_grams(model, batches, forward=modality_forward), device, repeats)
+    rows.append(["collect_grams", f"{arch} msa, 2 batches", f"{1000 * t_gram:.0f} ms", f"forwards {1000 * t_bare:.0f} ms",
+                 t_gram / t_bare, "≤ 1.2"])
+    return state
+
+
+def bench_distances(device, state, rows, repeats):
+    """The four Sec. 7 metrics between the v and l experts; memory in units of the largest tensor."""
+    a, b = merge.modality_weights(state)
+    largest = max(v.numel() * v.element_size() for v in a.values())
+    t_ref = median_seconds(lambda: sum(float((x - y).pow(2).sum()) for x, y in zip(a.values(), b.values())),
+                           device, repeats)
+    for name, metric in METRICS.items():
+        t, m = measure(lambda: metric(a, b), device, max(1, repeats // 2))
+        rows.append([f"distance {name}", f"{sum(v.numel() for v in a.values()) / 1e6:.1f}M weights",
+                     f"{1000 * t:.0f} ms", f"peak +{m / largest:.1f}× largest tensor", t / t_ref,
+                     "≤ ~2 extra copies" if name == "tssd" else ""])
+
+
+def bench_data(args, rows, repeats):
+    """Synthetic images drawn per second, and collated pre-training batches with DataLoader workers."""
+    world = data.SyntheticWorld(seed=0, image_size=32)
+    n = 256 if args.quick else 4096
+    t = median_seconds(lambda: world.generate(n, seed=1), torch.device("cpu"), max(1, repeats // 2), warmup=1)
+    rows.append(["synthetic world", f"{n} scenes, 32 px", f"{n / t:.0f} img/s", "", float("nan"), "thousands/s"])
+    dataset = world.dataset("pretrain", "train")
+    collate = data.Collator(world.tokenizer(), max_len=24, image_size=32, train=True)
+    n_batches = 4 if args.quick else 40
+    rates = {}
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(dataset, 64, shuffle=True, collate_fn=collate, num_workers=workers)
+
+        def consume():
+            for _, _batch in zip(range(n_batches), loader):
+                pass
+        rates[workers] = n_batches * 64 / median_seconds(consume, torch.device("cpu"), 1, warmup=0)
+        rows.append(["loader (RandAugment + MLM)", f"{workers} workers", f"{rates[workers]:.0f} samples/s",
+                     f"0 workers {rates[0]:.0f}/s", rates[workers] / rates[0], ""])
+
+
+def run_bench(args):
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but no CUDA device is available")
+    repeats = 1 if args.quick else 5
+    # (image size, patch, depth, batch, repeats) of the vision-route and pre-training comparisons
+    vision = (32, 8, 2, 8, repeats) if args.quick else ((224, 16, 12, 64 if device.type == "cuda" else 8, repeats))
+    rows = []
+    bench_vision(args, device, vision, rows)
+    archs = [args.arch] if args.quick else ["vit_tiny", "vit_base"]
+    for arch in archs:
+        shape = vision if args.quick else (224, 16, 12, (128 if arch == "vit_tiny" else 64) if device.type == "cuda"
+                                           else 8, repeats)
+        bench_pretrain(args, device, shape, rows, arch)
+    state = bench_merge(args, device, args.arch if args.quick else "vit_base", rows, repeats)
+    bench_distances(device, state, rows, repeats)
+    bench_data(args, rows, repeats)
+    header = ["benchmark", "setting", "ours", "reference", "ratio", "target"]
+    print(f"\n**vlmerge bench** — {device.type}"
+          f" ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}),"
+          f" torch {torch.__version__}\n")
+    print(table(header, [r[:4] + [f"{r[4]:.2f}", r[5]] for r in rows]))
+    result = {"device": str(device), "torch": torch.__version__, "quick": args.quick,
+              "rows": [dict(zip(header, r)) for r in rows]}
+    write_json(args.json, result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The other commands.
+
+def cmd_merge(args):
+    checkpoint = train.load_checkpoint(args.ckpt)
+    if "variant" in checkpoint and checkpoint["variant"] == "maa":
+        raise ValueError(f"{args.ckpt} is already modality-agnostic (variant maa): nothing to merge")
+    options = {"interpolation": {"alpha": args.alpha}, "modality_arithmetic": {"lam": args.lam},
+               "regmean": {"gamma": args.gamma}, "ties": {"density": args.density, "lam": args.lam},
+               "dare": {"p": args.p, "lam": args.lam, "seed": args.seed}}[args.method]
+    init = train.load_checkpoint(args.init_state) if args.init_state else None
+    batches = None
+    if args.method == "regmean":
+        if "config" not in checkpoint:
+            raise ValueError("--method regmean needs a vlmerge checkpoint (with 'config') to collect Gram matrices")
+        batches = gram_batches(checkpoint, args.gram_batches, args.batch_size)
+    merged = merge_checkpoint(checkpoint, args.method, init, batches, **options)
+    train.save_checkpoint(args.output, merged)
+    print(f"merged {args.ckpt} by {args.method} {options} -> {args.output}")
+
+
+def cmd_distance(args):
+    a = train.load_checkpoint(args.ckpt)["model"]
+    b = train.load_checkpoint(args.ckpt2)["model"] if args.ckpt2 else None
+    result = distances(a, b)
+    what = f"v vs l experts of {args.ckpt}" if b is None else f"{args.ckpt} vs {args.ckpt2}"
+    print(table(["metric", what], [[k, f"{v:.6g}"] for k, v in result.items()]))
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+def cmd_eval(args):
+    checkpoint = train.load_checkpoint(args.ckpt)
+    if "config" not in checkpoint:
+        raise ValueError(f"{args.ckpt} is a bare state dict: evaluate it with train.py --eval-only --init and flags")
+    cfg = checkpoint["config"]
+    task = args.task or cfg["task"]
+    argv = ["--task", task, "--variant", cfg["variant"], "--arch", checkpoint.get("arch", "vit_tiny"),
+            "--depth", str(cfg["depth"]), "--fusion-layers", str(cfg["fusion_layers"]),
+            "--image-size", str(cfg["image_size"]), "--patch-size", str(cfg["patch_size"]),
+            "--max-len", str(cfg["max_text_len"]), "--eval-only", "--init", args.ckpt,
+            "--eval-split", args.split, "--out", args.out, *args.train_args]
+    return train.run(argv)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("recipe", help="the paper's pipeline end to end; writes REPORT.md and results.json")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS),
+                   help="smoke: every stage in ~3 min; tiny: ~15 min on 2 CPU cores; paper: ViT-B, Sec. 5")
+    p.add_argument("--out", default=None, help="run directory (default runs/recipe_<preset>)")
+    p.add_argument("--init", default=None, help="timm-format ViT state dict (skips stage 0; 'paper' needs it)")
+    p.add_argument("--ablation", action="store_true", help="add Fig. 4's shared-weight variants")
+    p.add_argument("--data-config", default=None, help="JSON {task: [train.py data flags]} for real data")
+    p.add_argument("--dry-run", action="store_true", help="print every stage's command and build its model")
+    p.set_defaults(func=run_recipe)
+
+    p = sub.add_parser("merge", help="merge an msa-family checkpoint into a maa checkpoint (Sec. 4.1)")
+    p.add_argument("ckpt")
+    p.add_argument("--method", required=True, choices=merge.METHODS)
+    p.add_argument("--alpha", type=float, default=0.75, help="interpolation: α·W_v + (1−α)·W_l (Sec. 6.4: 0.75)")
+    p.add_argument("--lam", type=float, default=0.5, help="modality arithmetic / ties / dare: λ")
+    p.add_argument("--gamma", type=float, default=1.0, help="RegMean: off-diagonal scale of the Gram matrices")
+    p.add_argument("--density", type=float, default=0.2, help="ties: fraction of each modality vector kept")
+    p.add_argument("--p", type=float, default=0.9, help="dare: drop probability")
+    p.add_argument("--seed", type=int, default=0, help="dare: random seed")
+    p.add_argument("--init-state", default=None, help="W_0: the seed maa checkpoint (arithmetic / ties / dare)")
+    p.add_argument("--gram-batches", type=int, default=8, help="RegMean: synthetic pre-training batches")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("distance", help="L2 / cosine / SSD / TSSD (Sec. 7) between experts or checkpoints")
+    p.add_argument("ckpt")
+    p.add_argument("ckpt2", nargs="?", default=None)
+    p.add_argument("--json", default=None, help="also write the numbers here")
+    p.set_defaults(func=cmd_distance)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on its task (or --task)")
+    p.add_argument("ckpt")
+    p.add_argument("--task", default=None, choices=train.TASKS)
+    p.add_argument("--split", default="test", choices=["val", "test"])
+    p.add_argument("--out", default="runs/eval")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="further train.py flags (e.g. --data ...)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="speed and memory against references in the same process")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--arch", default="vit_tiny", choices=list(ARCHS))
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks the table is produced")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd training steps")
+    p.add_argument("--json", default="bench.json")
+    p.set_defaults(func=run_bench)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
