@@ -538,6 +538,7 @@ def print_table(metrics: dict, title: str):
 def run(argv=None) -> dict:
     """Train and/or evaluate as the flags say; returns the final metrics (rank 0)."""
     args = build_parser().parse_args(argv)
+    args.started = time.time()
     check_args(args)
     rank, world_size, device = setup_distributed(args)
     master = rank == 0
@@ -581,7 +582,8 @@ def run(argv=None) -> dict:
         set_rng_state(ckpt["rng"])
     if master:
         with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args) | {"frozen_parameters": len(frozen)}, f, indent=1)
+            json.dump({k: v for k, v in vars(args).items() if k != "started"} | {"frozen_parameters": len(frozen)},
+                      f, indent=1)
     train_objective = torch.compile(objective) if args.compile else objective
     if world_size > 1:
         train_objective = DDP(train_objective, device_ids=[device.index] if device.type == "cuda" else None)
@@ -669,6 +671,7 @@ def finish(model, args, eval_set, collate_eval, autocast, master, step):
     if master and eval_set is not None:
         metrics = evaluate(model, args.task, eval_set, collate_eval, args.eval_batch_size, autocast)
         metrics["step"] = step
+        metrics["seconds"] = time.time() - args.started  # wall time of this run, evaluation included
         tmp = os.path.join(args.out, "metrics.json.tmp")
         with open(tmp, "w") as f:
             json.dump(metrics, f, indent=1)
