@@ -238,8 +238,11 @@ def evaluate_predictions(model, task, dataset, collate, batch_size, autocast):
 # Checkpoints: one format everywhere, written atomically, read with weights_only=True.
 
 def save_checkpoint(path, checkpoint: dict):
-    """Write to a temp file in the same directory, then rename: a reader never sees half a file."""
-    tmp = f"{path}.tmp"
+    """Write to a temp file in the same directory, then rename: a reader never sees half a file.
+    The temp name carries the pid, so ranks that write the same file (a recipe under torchrun) never
+    interleave their bytes."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save(checkpoint, tmp)
     os.replace(tmp, path)
 
@@ -424,6 +427,8 @@ def build_parser():
     p.add_argument("--eval-batch-size", type=int, default=128)
     p.add_argument("--out", default="runs/default")
     p.add_argument("--save-every", type=int, default=1000)
+    p.add_argument("--keep-at", type=int, nargs="*", default=[],
+                   help="also keep OUT/ckpt_step<K>.pt at these steps: the seeds of Fig. 3 are snapshots of one maa run")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"],
@@ -492,6 +497,8 @@ def check_args(args):
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.lr <= 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
+    if any(not 0 < k <= args.steps for k in args.keep_at):
+        raise ValueError(f"--keep-at {args.keep_at}: every step must lie in 1..--steps ({args.steps})")
     if args.resume and args.init:
         raise ValueError("--resume continues OUT/ckpt.pt; --init starts a new run: give one of them")
     if args.init and not os.path.isfile(args.init):
@@ -633,13 +640,20 @@ def train_loop(args, model, objective, optimizer, scheduler, scaler, stream, aut
         if args.eval_every and done % args.eval_every == 0 and done < args.steps and master and eval_set is not None:
             log.write(json.dumps({"step": done, "eval": evaluate(model, args.task, eval_set, collate_eval,
                                                                  args.eval_batch_size, autocast)}) + "\n")
-        if done % args.save_every == 0 or done == args.steps:
+        if done % args.save_every == 0 or done == args.steps or done in args.keep_at:
             if master:
-                save_checkpoint(ckpt_path, checkpoint_dict(model, args, done, optimizer, scheduler, scaler))
+                checkpoint = checkpoint_dict(model, args, done, optimizer, scheduler, scaler)
+                save_checkpoint(ckpt_path, checkpoint)
+                if done in args.keep_at:
+                    save_checkpoint(snapshot_path(args.out, done), checkpoint)
             barrier()
     bar.close()
     if log:
         log.close()
+
+
+def snapshot_path(out, step):
+    return os.path.join(out, f"ckpt_step{step}.pt")
 
 
 def reduce_logs(parts_sum, n):

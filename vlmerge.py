@@ -13,6 +13,8 @@ output under OUT/<stage>/, reused when its metrics.json exists (so an interrupte
                save it as a timm-format state dict, loaded through model.load_vit_weights.
   1. Table 1   maa and msa pre-trained from W⁰; the merging baseline = that msa, interpolated α=0.5.
   2. Fig. 3    seed pre-training: maa for K_seed steps, then msa from it for K_VL, K_seed + K_VL = K.
+               The maa seeds are snapshots of the maa run of step 1 at step K_seed (train.py --keep-at):
+               one maa run serves the whole sweep.
   3. Table 2   the default seeded msa merged by interpolation (α), modality arithmetic (λ), RegMean (γ);
            3b  every merged model scored right away by zero-shot retrieval (ITC), before fine-tuning.
   4. Tables 1-3 fine-tuning on VQA, retrieval (and NLVR2 / classification / segmentation by preset).
@@ -50,7 +52,7 @@ class Preset:
     batch_size: int = 1024
     lr: float = 2e-4
     precision: str = "bf16"
-    init_steps: int = 0            # stage 0: image-only pre-training (0: --init must be given)
+    init_steps: int | None = None  # stage 0: image-only pre-training steps (0: random W⁰; None: --init needed)
     pretrain_steps: int = 200_000  # K = K_seed + K_VL (Sec. 4.3)
     seed_fracs: tuple = (0.25, 0.5, 0.75)  # K_seed / K (Fig. 3: 50k, 100k, 150k of 200k)
     default_frac: float = 0.5      # Sec. 6.1: K_seed = K_VL is the recipe
@@ -75,12 +77,14 @@ PRESETS = {
                     finetune={"vqa": 3, "retrieval": 3, "nlvr2": 2, "cls": 2, "seg": 2}, finetune_lr=1e-3,
                     finetune_seeds=2, finetune_sweeps=True),
     # the README's headline reproduction: about 15 minutes on 2 CPU cores
-    "tiny": Preset(depth=4, fusion_layers=2, image_size=32, patch_size=8, max_len=24, batch_size=64, lr=1e-3,
-                   precision="bf16", init_steps=150, pretrain_steps=400, seed_fracs=(0.25, 0.5, 0.75),
+    # init_steps=0: a random W⁰, because our image-only stand-in for BEiT hurt VL learning at this
+    # scale (README, "Departures"); the smoke preset still runs stage 0
+    "tiny": Preset(depth=4, fusion_layers=2, image_size=32, patch_size=8, max_len=24, batch_size=64, lr=5e-4,
+                   precision="bf16", init_steps=0, pretrain_steps=300, seed_fracs=(0.25, 0.5, 0.75),
                    gram_batches=8, finetune={"vqa": 150, "retrieval": 100}, finetune_lr=5e-4,
                    finetune_seeds=3, finetune_sweeps=False, ablation=False),
     # Sec. 5 / Table 6: ViT-B/16 at 224 px, batch 1024, 200k steps; real data; GPUs via torchrun
-    "paper": Preset(arch="vit_base", init_steps=0, gram_batches=64,
+    "paper": Preset(arch="vit_base", init_steps=None, gram_batches=64,
                     finetune={"vqa": 20_000, "retrieval": 20_000, "nlvr2": 10_000, "cls": 50_000, "seg": 40_000},
                     finetune_lr=3e-5, finetune_seeds=1, ablation=True),
 }
@@ -213,33 +217,58 @@ class Recipe:
 
     # -- stage 0: the image-only initialization W⁰ ------------------------------------------------
     def initialization(self) -> str:
+        """W⁰, a timm-format ViT file that every model of the recipe loads: --init, else stage 0 --
+        image-only pre-training for init_steps, or with init_steps=0 a random init (saved all the same,
+        so that maa, msa and the seeds still start from one and the same W⁰)."""
         if self.init:
             return self.init
-        if self.p.init_steps <= 0:
-            raise ValueError(f"preset needs --init PATH (a timm-format ViT, e.g. BEiT converted): it has no stage 0")
-        self.stage("init_vit", self.flags("cls") + ["--task", "cls", "--variant", "maa", "--steps", str(self.p.init_steps),
-                                                     "--batch-size", self.batch(), "--lr", str(self.p.lr)])
+        if self.p.init_steps is None:
+            raise ValueError("preset needs --init PATH (a timm-format ViT, e.g. BEiT converted): it has no stage 0")
         path = os.path.join(self.out, "init_vit", "vit.pt")
-        if not self.dry_run and not os.path.exists(path):
+        metrics = {"steps": 0}
+        if self.p.init_steps > 0:
+            metrics = self.stage("init_vit", self.flags("cls") + [
+                "--task", "cls", "--variant", "maa", "--steps", str(self.p.init_steps),
+                "--batch-size", self.batch(), "--lr", str(self.p.lr)])
+        self.models["init_vit"] = {"ckpt": path, "variant": "maa", "stage": metrics}
+        if self.dry_run or os.path.exists(path):
+            return path
+        if self.p.init_steps > 0:
             state = train.load_checkpoint(self.ckpt("init_vit"))["model"]
-            # maa keys are timm's keys: keep the backbone, rename the classifier to timm's `head`
-            vit = {k: v for k, v in state.items() if is_backbone_key(k)}
-            vit |= {"head." + k.split(".")[-1]: v for k, v in state.items() if k.startswith("cls_head.")}
-            train.save_checkpoint(path, vit)
+        else:
+            torch.manual_seed(0)
+            state = build_model(self.p.arch, "maa", "pretrain", vocab_size=2, image_size=self.p.image_size,
+                                patch_size=self.p.patch_size, depth=self.p.depth,
+                                fusion_layers=self.p.fusion_layers).state_dict()
+        # maa keys are timm's keys: keep the backbone, rename a classifier to timm's `head`
+        vit = {k: v for k, v in state.items() if is_backbone_key(k)}
+        vit |= {"head." + k.split(".")[-1]: v for k, v in state.items() if k.startswith("cls_head.")}
+        train.save_checkpoint(path, vit)
         return path
 
     # -- stages 1-2: pre-training ------------------------------------------------------------------
-    def pretrain(self, name, variant, steps, init):
+    def pretrain(self, name, variant, steps, init, keep_at=()):
+        extra = ["--keep-at", *map(str, keep_at)] if keep_at else []
         metrics = self.stage(name, self.flags() + ["--variant", variant, "--steps", str(steps), "--init", init,
-                                                   "--batch-size", self.batch(), "--lr", str(self.p.lr)])
+                                                   "--batch-size", self.batch(), "--lr", str(self.p.lr), *extra])
         self.models[name] = {"ckpt": self.ckpt(name), "variant": variant, "zero_shot": metrics}
         return name
 
-    def seeded(self, variant, frac, w0):
-        """Seed pre-training (Sec. 4.3): maa for K_seed steps, then `variant` from it for K_VL."""
-        k_seed = round(frac * self.p.pretrain_steps)
-        seed = self.pretrain(f"seed{frac}", "maa", k_seed, w0)
-        return self.pretrain(f"{variant}_seed{frac}", variant, self.p.pretrain_steps - k_seed, self.ckpt(seed))
+    def k_seed(self, frac):
+        return round(frac * self.p.pretrain_steps)
+
+    def seeded(self, variant, frac):
+        """Seed pre-training (Sec. 4.3): maa for K_seed steps, then `variant` from it for K_VL = K - K_seed.
+
+        The maa seed is the step-K_seed snapshot of the maa baseline run (kept with --keep-at), so the
+        whole K_seed sweep costs one maa run instead of one per point."""
+        k_seed = self.k_seed(frac)
+        seed = os.path.join(self.out, "maa", f"ckpt_step{k_seed}.pt")
+        if not self.dry_run and not os.path.exists(seed):
+            raise FileNotFoundError(f"{seed}: the maa run kept no snapshot at step {k_seed}; "
+                                    f"delete {os.path.join(self.out, 'maa')} to re-run it with this preset")
+        self.models[f"seed{frac}"] = {"ckpt": seed, "variant": "maa", "zero_shot": {}}
+        return self.pretrain(f"{variant}_seed{frac}", variant, self.p.pretrain_steps - k_seed, seed)
 
     # -- stage 3: merging -------------------------------------------------------------------------
     def merged(self, source, method, value, init_name=None):
@@ -280,17 +309,18 @@ class Recipe:
     def run(self) -> dict:
         p = self.p
         w0 = self.initialization()
-        # 1. baselines (Table 1)
-        self.pretrain("maa", "maa", p.pretrain_steps, w0)
+        # 1. baselines (Table 1); the maa run also keeps the seeds of step 2
+        fracs = sorted({*p.seed_fracs, p.default_frac})
+        self.pretrain("maa", "maa", p.pretrain_steps, w0, keep_at=[self.k_seed(f) for f in fracs])
         self.pretrain("msa", "msa", p.pretrain_steps, w0)
         self.merged("msa", "interpolation", 0.5)          # the merging baseline
         # 2. seed pre-training sweep (Fig. 3), each msa merged with α = 0.5 as in Table 5
         for frac in p.seed_fracs:
-            self.merged(self.seeded("msa", frac, w0), "interpolation", 0.5)
+            self.merged(self.seeded("msa", frac), "interpolation", 0.5)
         # 3. the three methods on the recipe's msa (Table 2)
         ours = f"msa_seed{p.default_frac}"
         if ours not in self.models:
-            self.merged(self.seeded("msa", p.default_frac, w0), "interpolation", 0.5)
+            self.merged(self.seeded("msa", p.default_frac), "interpolation", 0.5)
         for alpha in p.alphas:
             self.merged(ours, "interpolation", alpha)
         for lam in p.lams:
@@ -312,7 +342,7 @@ class Recipe:
         ablation = {}
         if p.ablation:
             for variant in ("custom_attn", "custom_ffn", "custom_ln"):
-                before = self.seeded(variant, p.default_frac, w0)
+                before = self.seeded(variant, p.default_frac)
                 after = self.merged(before, "interpolation", 0.75)
                 for name in (before, after):
                     self.finetune(name, "vqa")
@@ -436,7 +466,8 @@ def section_fig4(r):
 def section_table5(r):
     t5 = r["table5"]
     names = list(t5["rows"])
-    rows = [[metric, *[fmt(t5["rows"][n][metric], 4) for n in names], fmt(t5["correlation"][metric], 3),
+    # three significant digits: TSSD of barely-trained experts is orders of magnitude below L2
+    rows = [[metric, *[f"{t5['rows'][n][metric]:.3g}" for n in names], fmt(t5["correlation"][metric], 3),
              fmt(PAPER["table5"][metric][-1], 3)] for metric in METRICS]
     rows.append(["merge drop (zero-shot R avg)", *[fmt(t5["rows"][n]["drop"]) for n in names], "", ""])
     fracs = ["0"] + [str(f) for f in r["preset"]["seed_fracs"]]
@@ -564,6 +595,8 @@ def run_recipe(args) -> dict:
     results["spread"] = spread(recipe.models[layout["table"]["ours"]])
     results["stage_seconds"] = stage_seconds(recipe.models)
     results["findings"] = findings(results)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 writes the report
+        return results
     write_json(os.path.join(out, "results.json"), results)
     report = write_report(json.loads(json.dumps(results)))  # exactly what results.json holds
     with open(os.path.join(out, "REPORT.md"), "w") as f:

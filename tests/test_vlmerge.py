@@ -68,7 +68,7 @@ def test_smoke_recipe_writes_report_and_results(smoke):
                     "## Seed-to-seed spread"):
         assert heading in report, heading
     # every stage left its output: the init ViT, pre-training, merges, zero-shot, fine-tuning, ablation
-    for path in ("init_vit/vit.pt", "maa/ckpt.pt", "msa/ckpt.pt", "seed0.5/ckpt.pt", "msa_seed0.5/ckpt.pt",
+    for path in ("init_vit/vit.pt", "maa/ckpt.pt", "msa/ckpt.pt", "maa/ckpt_step3.pt", "msa_seed0.5/ckpt.pt",
                  "merged/msa~interpolation0.5.pt", "merged/msa_seed0.5~regmean1.0.pt",
                  "zero_shot/msa_seed0.5~modality_arithmetic1.0/metrics.json",
                  "finetune/vqa/maa/metrics.json", "finetune/seg/msa/metrics.json",
@@ -76,6 +76,10 @@ def test_smoke_recipe_writes_report_and_results(smoke):
         assert os.path.exists(os.path.join(smoke, path)), path
     assert len(results["findings"]) >= 6
     assert set(results["table5"]["rows"]) == {"msa", "msa_seed0.5"}
+    # the seed is the maa run's step-K_seed snapshot, and the seeded msa ran the rest: K_VL = K - K_seed
+    seed = torch.load(os.path.join(smoke, "maa/ckpt_step3.pt"), weights_only=True)
+    seeded = torch.load(os.path.join(smoke, "msa_seed0.5/ckpt.pt"), weights_only=True)
+    assert (seed["step"], seeded["step"], seeded["args"]["init"]) == (3, 3, os.path.join(smoke, "maa/ckpt_step3.pt"))
 
 
 def test_every_number_in_the_report_is_finite_and_traceable_to_results_json(smoke):
@@ -85,13 +89,14 @@ def test_every_number_in_the_report_is_finite_and_traceable_to_results_json(smok
     for x in numbers_in(results):
         for digits in range(0, 5):
             known.add(f"{x:.{digits}f}")
+        known.add(f"{x:.3g}")
         known.add(str(x))
         known.add(str(int(x)) if x == int(x) else str(x))
     table_cells = [cell.strip() for line in report.splitlines() if line.startswith("|")
                    for cell in line.strip("|").split("|")]
     checked = 0
     for cell in table_cells:
-        for token in re.findall(r"-?\d+\.\d+", cell):
+        for token in re.findall(r"-?\d+\.\d+(?:e[-+]\d+)?", cell):
             assert math.isfinite(float(token)), cell
             assert token in known, f"{token!r} in report cell {cell!r} is not in results.json"
             checked += 1
@@ -113,6 +118,7 @@ def test_paper_preset_dry_run_builds_every_stage(tmp_path):
     plan = result["plan"]
     assert any("--arch vit_base" in line and "--steps 200000" in line and "--variant msa" in line for line in plan)
     assert any("--steps 100000" in line and "seed0.5" in line for line in plan)  # K_seed = K_VL = 100k
+    assert any("--variant maa" in line and "--keep-at 50000 100000 150000" in line for line in plan)  # the seeds
     assert any("--task nlvr2" in line for line in plan) and any("custom_attn" in line for line in plan)
     assert not os.path.exists(tmp_path / "paper" / "maa" / "ckpt.pt")  # nothing was trained
 
