@@ -785,7 +785,7 @@ def bench_pretrain(args, device, shape, rows, arch):
     label = f"{arch} msa, batch {batch}, {size} px" + (", compiled" if args.compile else "")
     rows.append(["pre-training step (bf16)", label, f"{batch / t:.1f} img/s, {batch * text_len / t:.0f} tok/s",
                  f"{achieved:.2f} TFLOP/s" + (f" of {peak:.0f} peak" if peak else ""),
-                 achieved / peak if peak else float("nan"), "MFU ≥ 0.45 (vit_base, H100, --compile)"])
+                 achieved / peak if peak else None, "MFU ≥ 0.45 (vit_base, H100, --compile)"])
 
 
 def bench_merge(args, device, arch, rows, repeats):
@@ -846,7 +846,7 @@ def bench_data(args, rows, repeats):
     world = data.SyntheticWorld(seed=0, image_size=32)
     n = 256 if args.quick else 4096
     t = median_seconds(lambda: world.generate(n, seed=1), torch.device("cpu"), max(1, repeats // 2), warmup=1)
-    rows.append(["synthetic world", f"{n} scenes, 32 px", f"{n / t:.0f} img/s", "", float("nan"), "thousands/s"])
+    rows.append(["synthetic world", f"{n} scenes, 32 px", f"{n / t:.0f} img/s", "", None, "thousands/s"])
     dataset = world.dataset("pretrain", "train")
     collate = data.Collator(world.tokenizer(), max_len=24, image_size=32, train=True)
     n_batches = 4 if args.quick else 40
@@ -883,7 +883,7 @@ def run_bench(args):
     print(f"\n**vlmerge bench** — {device.type}"
           f" ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}),"
           f" torch {torch.__version__}\n")
-    print(table(header, [r[:4] + [f"{r[4]:.2f}", r[5]] for r in rows]))
+    print(table(header, [r[:4] + [fmt(r[4]), r[5]] for r in rows]))  # ratio None: no reference (MFU on CPU)
     result = {"device": str(device), "torch": torch.__version__, "quick": args.quick,
               "rows": [dict(zip(header, r)) for r in rows]}
     write_json(args.json, result)
