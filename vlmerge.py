@@ -263,7 +263,7 @@ class Recipe:
         The maa seed is the step-K_seed snapshot of the maa baseline run (kept with --keep-at), so the
         whole K_seed sweep costs one maa run instead of one per point."""
         k_seed = self.k_seed(frac)
-        seed = os.path.join(self.out, "maa", f"ckpt_step{k_seed}.pt")
+        seed = train.snapshot_path(os.path.join(self.out, "maa"), k_seed)
         if not self.dry_run and not os.path.exists(seed):
             raise FileNotFoundError(f"{seed}: the maa run kept no snapshot at step {k_seed}; "
                                     f"delete {os.path.join(self.out, 'maa')} to re-run it with this preset")

@@ -197,3 +197,20 @@ def test_bench_quick_prints_a_table_with_finite_ratios(tmp_path):
             assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
         else:  # no reference to divide by on CPU (MFU needs a GPU's peak): left empty, never NaN
             assert r["ratio"] is None, r
+
+
+def test_random_w0_is_one_timm_format_vit_that_every_model_loads(tmp_path):
+    preset = dataclasses.replace(vlmerge.PRESETS["smoke"], init_steps=0)
+    path = vlmerge.Recipe(preset, str(tmp_path)).initialization()
+    vit = torch.load(path, weights_only=True)
+    assert all(not k.startswith(("word_embed", "text_pos_embed", "itc", "itm", "mlm")) for k in vit)
+    model = build_model("vit_tiny", "msa", vocab_size=69, image_size=32, patch_size=8, depth=2, fusion_layers=1,
+                        max_text_len=24)
+    train.transfer_weights(model, vit)  # the --init path of every recipe stage
+    for key, value in model.state_dict().items():
+        if shared_key(key) in vit:
+            assert torch.equal(value, vit[shared_key(key)]), key
+    again = vlmerge.Recipe(preset, str(tmp_path / "again")).initialization()
+    assert all(torch.equal(vit[k], v) for k, v in torch.load(again, weights_only=True).items())  # deterministic
+    with pytest.raises(ValueError, match="--init PATH"):
+        vlmerge.Recipe(dataclasses.replace(preset, init_steps=None), str(tmp_path / "none")).initialization()
