@@ -357,17 +357,44 @@ def _named_linears(model: nn.Module, modules: Iterable | None = None) -> dict:
     return chosen
 
 
-def _gram_hook(grams: dict, key: str) -> Callable:
+class _GramSums:
+    """Σ XᵀX per key. Each call's product is accumulated in place in float32 (`addmm_`: the add is
+    fused into the matrix multiply, float32 GEMMs are fast on every device), and every FOLD calls the
+    float32 partial sum is folded into a float64 total, so that thousands of batches add up without
+    float32 drift while the float64 add is paid once per FOLD calls instead of once per call."""
+    FOLD = 32
+
+    def __init__(self):
+        self.total, self.partial, self.calls = {}, {}, {}
+
+    def add(self, key: str, tokens: Tensor) -> None:
+        if key not in self.partial:
+            self.partial[key] = tokens.new_zeros(tokens.shape[1], tokens.shape[1])
+            self.calls[key] = 0
+        self.partial[key].addmm_(tokens.T, tokens)  # G += XᵀX, (in, in)
+        self.calls[key] += 1
+        if self.calls[key] == self.FOLD:
+            self._fold(key)
+
+    def _fold(self, key: str) -> None:
+        partial = self.partial[key].double()
+        self.total[key] = self.total[key] + partial if key in self.total else partial
+        self.partial[key].zero_()
+        self.calls[key] = 0
+
+    def result(self) -> dict:
+        for key in self.partial:
+            if self.calls[key]:
+                self._fold(key)
+        return {key: self.total[key] for key in self.partial}
+
+
+def _gram_hook(sums: _GramSums, key: str) -> Callable:
     def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
         features = inputs[0].detach()
         # Inside a bf16 autocast forward, autocast would run this product in bf16 too.
         with torch.autocast(features.device.type, enabled=False):
-            tokens = features.reshape(-1, features.shape[-1]).float()  # (all tokens of the call, in)
-            gram = tokens.T @ tokens  # G = XᵀX over this call's tokens, (in, in)
-        if key in grams:
-            grams[key] += gram
-        else:
-            grams[key] = gram.double()
+            sums.add(key, features.reshape(-1, features.shape[-1]).float())  # (all tokens of the call, in)
 
     return hook
 
@@ -378,19 +405,15 @@ def collect_grams(model: nn.Module, batches: Iterable, forward: Callable | None 
 
     X holds every token of every batch (all leading dimensions flattened), accumulated through
     forward hooks while ``forward(model, batch)`` (default ``model(batch)``) runs under no_grad;
-    the model's train/eval mode is left as it is. The result is keyed by the state-dict key of the
-    linear's weight (``"blocks.0.attn.v.qkv.weight"``), as ``regmean`` and
+    the model's train/eval mode is left as it is. The result (float64) is keyed by the state-dict
+    key of the linear's weight (``"blocks.0.attn.v.qkv.weight"``), as ``regmean`` and
     ``merge_modalities(..., "regmean")`` expect. A linear that never runs has no entry — in a
     modality-specific model, an expert that no batch reaches. The hooks are removed afterwards,
-    also when forward raises.
-
-    Precision: each call's product is one float32 matrix multiply (float32 GEMMs are fast on every
-    device; float64 ones are slow on GPUs), added into a float64 running sum, so that thousands of
-    batches add up without float32 drift.
+    also when forward raises. Precision: see `_GramSums`.
     """
     forward = forward or (lambda model, batch: model(batch))
-    grams = {}
-    handles = [module.register_forward_hook(_gram_hook(grams, f"{name}.weight" if name else "weight"))
+    sums = _GramSums()
+    handles = [module.register_forward_hook(_gram_hook(sums, f"{name}.weight" if name else "weight"))
                for name, module in _named_linears(model, modules).items()]
     try:
         with torch.no_grad():
@@ -399,7 +422,7 @@ def collect_grams(model: nn.Module, batches: Iterable, forward: Callable | None 
     finally:
         for handle in handles:
             handle.remove()
-    return grams
+    return sums.result()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -233,6 +233,16 @@ def test_collect_grams_equals_xtx_over_all_tokens_of_all_batches():
     assert all_hooks(model) == []
 
 
+def test_collect_grams_over_many_batches_folds_float32_partials_into_float64_exactly():
+    torch.manual_seed(0)
+    model = TwoLinears()
+    batches = [torch.randn(3, 5) + 100.0 for _ in range(2 * merge._GramSums.FOLD + 5)]  # two folds + a rest
+    grams = collect_grams(model, batches, modules=[model.fc1])
+    expected = sum(x.double().T @ x.double() for x in batches)
+    assert grams["fc1.weight"].dtype == torch.float64
+    assert rel_err(grams["fc1.weight"], expected) < 1e-6
+
+
 def test_collect_grams_only_for_the_given_modules_with_a_custom_forward():
     model = TwoLinears()
     x = torch.randn(2, 3, 5)
