@@ -76,6 +76,8 @@ def test_smoke_recipe_writes_report_and_results(smoke):
         assert os.path.exists(os.path.join(smoke, path)), path
     assert len(results["findings"]) >= 6
     assert set(results["table5"]["rows"]) == {"msa", "msa_seed0.5"}
+    assert {task: s["n"] for task, s in results["spread"].items()} == {"vqa": 2, "retrieval": 2}
+    assert os.path.exists(os.path.join(smoke, "finetune/retrieval/msa_seed0.5~interpolation0.75_s1/metrics.json"))
     # the seed is the maa run's step-K_seed snapshot, and the seeded msa ran the rest: K_VL = K - K_seed
     seed = torch.load(os.path.join(smoke, "maa/ckpt_step3.pt"), weights_only=True)
     seeded = torch.load(os.path.join(smoke, "msa_seed0.5/ckpt.pt"), weights_only=True)
