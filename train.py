@@ -247,6 +247,14 @@ def save_checkpoint(path, checkpoint: dict):
     os.replace(tmp, path)
 
 
+def write_json(path, obj):
+    """JSON written like a checkpoint: temp file, then rename."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
 def load_checkpoint(path) -> dict:
     """A vlmerge checkpoint dict, or a bare state dict (as timm saves them) wrapped as {"model": ...}."""
     if not os.path.isfile(path):
@@ -505,12 +513,17 @@ def check_args(args):
         raise FileNotFoundError(f"--init {args.init}: no such file")
 
 
+def model_from_args(args, vocab_size, **sizes) -> VLTransformer:
+    """The model the flags describe (fresh weights)."""
+    return build_model(args.arch, args.variant, args.task, vocab_size=vocab_size, image_size=args.image_size,
+                       patch_size=args.patch_size, depth=args.depth, fusion_layers=args.fusion_layers,
+                       max_text_len=args.max_len, **sizes)
+
+
 def build_run(args, rank, device):
     """Model (fresh, --init, or --resume), datasets, collators."""
     train_set, eval_set, tokenizer, sizes = make_data(args, args.task)
-    model = build_model(args.arch, args.variant, args.task, vocab_size=len(tokenizer), image_size=args.image_size,
-                        patch_size=args.patch_size, depth=args.depth, fusion_layers=args.fusion_layers,
-                        max_text_len=args.max_len, **sizes)
+    model = model_from_args(args, vocab_size=len(tokenizer), **sizes)
     if args.init:
         ckpt = load_checkpoint(args.init)
         check_arch(ckpt, args, args.init, same_variant=False)
@@ -686,10 +699,7 @@ def finish(model, args, eval_set, collate_eval, autocast, master, step):
         metrics = evaluate(model, args.task, eval_set, collate_eval, args.eval_batch_size, autocast)
         metrics["step"] = step
         metrics["seconds"] = time.time() - args.started  # wall time of this run, evaluation included
-        tmp = os.path.join(args.out, "metrics.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(metrics, f, indent=1)
-        os.replace(tmp, os.path.join(args.out, "metrics.json"))
+        write_json(os.path.join(args.out, "metrics.json"), metrics)
         if not args.quiet:
             print_table(metrics, f"{args.task} · {args.variant} · {args.out}")
     barrier()

@@ -23,6 +23,7 @@ output under OUT/<stage>/, reused when its metrics.json exists (so an interrupte
                merge drop, and the Pearson correlation of each metric with the drop.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -374,9 +375,7 @@ def build_only(argv):
     """--dry-run: check a stage's flags and build its model (on the meta device: no memory)."""
     args = train.build_parser().parse_args(argv)
     with torch.device("meta"):
-        build_model(args.arch, args.variant, args.task, vocab_size=30522, image_size=args.image_size,
-                          patch_size=args.patch_size, depth=args.depth, fusion_layers=args.fusion_layers,
-                          max_text_len=args.max_len)
+        train.model_from_args(args, vocab_size=30522)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -607,20 +606,13 @@ def run_recipe(args) -> dict:
     results["findings"] = findings(results)
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 writes the report
         return results
-    write_json(os.path.join(out, "results.json"), results)
+    train.write_json(os.path.join(out, "results.json"), results)
     report = write_report(json.loads(json.dumps(results)))  # exactly what results.json holds
     with open(os.path.join(out, "REPORT.md"), "w") as f:
         f.write(report)
     plot_sweeps(results, os.path.join(out, "sweeps.png"))
     print(report)
     return results
-
-
-def write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -741,7 +733,7 @@ def bench_vision(args, device, shape, rows):
     from torchvision.models.vision_transformer import VisionTransformer
     dim, heads = ARCHS[args.arch]["dim"], ARCHS[args.arch]["heads"]
     size, patch, depth, batch, repeats = shape
-    autocast = torch.autocast(device.type, torch.bfloat16) if device.type == "cuda" else contextlib_null()
+    autocast = torch.autocast(device.type, torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     torch.manual_seed(0)
     ref = VisionTransformer(size, patch, depth, heads, dim, 4 * dim).to(device)
     images = torch.randn(batch, 3, size, size, device=device)
@@ -763,11 +755,6 @@ def bench_vision(args, device, shape, rows):
         t = median_seconds(step, device, repeats)
         rows.append(["vision route fwd+bwd", variant, f"{1000 * t:.1f} ms", f"torchvision ViT {1000 * t_ref:.1f} ms",
                      t / t_ref, "≤ 1.05"])
-
-
-def contextlib_null():
-    import contextlib
-    return contextlib.nullcontext()
 
 
 def bench_pretrain(args, device, shape, rows, arch):
@@ -896,7 +883,7 @@ def run_bench(args):
     print(table(header, [r[:4] + [fmt(r[4]), r[5]] for r in rows]))  # ratio None: no reference (MFU on CPU)
     result = {"device": str(device), "torch": torch.__version__, "quick": args.quick,
               "rows": [dict(zip(header, r)) for r in rows]}
-    write_json(args.json, result)
+    train.write_json(args.json, result)
     return result
 
 
@@ -928,7 +915,7 @@ def cmd_distance(args):
     what = f"v vs l experts of {args.ckpt}" if b is None else f"{args.ckpt} vs {args.ckpt2}"
     print(table(["metric", what], [[k, f"{v:.6g}"] for k, v in result.items()]))
     if args.json:
-        write_json(args.json, result)
+        train.write_json(args.json, result)
     return result
 
 
