@@ -31,7 +31,8 @@ The file reads in five parts:
    ``tssd(*modality_weights(state_dict))`` is a number of Table 5.
 5. Merging over time (Dziadzio et al., CVPR 2025, "TIME"): ``TemporalMerge`` chooses, as experts
    arrive one task after another, the weights each new expert starts from (init) and the weights
-   that are shipped (deploy), with any technique of part 1; ``recency_weights`` are its schedules.
+   that are shipped (deploy), merging with interpolation, task arithmetic, TIES, DARE or MagMax of
+   part 1; ``recency_weights`` are its schedules for the one-shot merge of all experts.
 
 House rules: bad input raises one ValueError (KeyError for a missing key) that names the key;
 merging runs tensor by tensor, so memory beyond the output stays at a few copies of the largest
@@ -847,8 +848,8 @@ DEPLOYS = ("ft", "all", "ema")
 class TemporalMerge:
     """Init, store and deploy for merging over time (TIME).
 
-    Reference: S. Dziadzio, V. Udandarao, K. Roth, A. Prabhu, Z. Akata, S. Albanie, M. Bethge,
-    "How to Merge Your Multimodal Models Over Time?", CVPR 2025, arXiv 2412.06712. Official code:
+    Reference: S. Dziadzio et al., "How to Merge Your Multimodal Models Over Time?", CVPR 2025,
+    arXiv 2412.06712. Official code:
     github.com/ExplainableML/fomo_in_flux (read at commit 3e123d9).
 
     The loop, per task t = 1..T:
