@@ -200,6 +200,29 @@ def evaluate_retrieval(model, dataset, collate, batch_size, autocast):
 
 
 @torch.no_grad()
+def zero_shot_accuracy(model, dataset, collate, batch_size=128, autocast=contextlib.nullcontext()):
+    """Top-1 of zero-shot classification through ITC, as CLIP: each image goes to the class whose text
+    prompt has the most similar embedding. `dataset.prompts` holds one prompt per class, `dataset.labels`
+    each sample's class. In percent."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    ids, mask = (t.to(device) for t in collate.texts(dataset.prompts))      # (C, L)
+    labels, correct = torch.as_tensor(dataset.labels), 0
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    try:
+        for start, batch in zip(range(0, len(dataset), batch_size), loader):
+            with autocast:
+                image, text = model.itc_embed(model.encode_image(batch["images"].to(device)),
+                                              model.encode_text(ids, mask))  # (B, D), (C, D)
+            predicted = (image.float() @ text.float().T).argmax(1).cpu()     # (B,)
+            correct += (predicted == labels[start:start + len(predicted)]).sum().item()
+    finally:
+        model.train(was_training)
+    return 100 * correct / len(dataset)
+
+
+@torch.no_grad()
 def evaluate(model, task, dataset, collate, batch_size=64, autocast=contextlib.nullcontext()):
     """The task's metrics on `dataset` (percentages). Pre-training is scored by zero-shot retrieval."""
     was_training = model.training
