@@ -211,8 +211,8 @@ class Recipe:
             return json.load(f)
 
     def batch(self):
-        """The preset's batch is global (Sec. 5: 1024); under torchrun each rank takes its share."""
-        return str(max(1, self.p.batch_size // int(os.environ.get("WORLD_SIZE", 1))))
+        """The preset's batch is global (Sec. 5: 1024); train.py splits it over the ranks under torchrun."""
+        return str(self.p.batch_size)
 
     def ckpt(self, name):
         return os.path.join(self.out, name, "ckpt.pt")
