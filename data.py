@@ -771,21 +771,22 @@ def concept_prompt(concept):
     return _a(concept_name(concept))
 
 
-def _stream_split(concept, cell, size):
-    """"train" or "test" for a single-object layout: 2 of a concept's 8 (cell, size) layouts are test.
-
-    The world's crc32 split cannot serve here: with 8 layouts a concept, some concepts would hash no test
-    layout at all. Offsetting by the concept's index spreads the test layouts, so every (cell, size) is still
-    trained on with other concepts."""
-    code = 2 * cell + size  # 0..7
-    return "test" if (code + concept.color * len(SHAPES) + concept.shape) % 4 == 0 else "train"
+def _stream_split(concept, obj, background):
+    """"train" or "test" for a single-object scene, by a hash of what its image shows to within a pixel: the
+    concept, cell, size, the object's offset in 1/64ths of the image side and the background level (crc32
+    mod 5: 0 → test). So no test image is ever a training image, of any task, while every concept is tested
+    in every cell and size. (Holding whole (cell, size) layouts out per concept, as the world's split does,
+    backfires here: with 8 layouts a concept the model learns "at this cell and size, not that shape".)"""
+    key = (f"{concept.color} {concept.shape} {obj.cell} {obj.size} {round(64 * obj.dx)} {round(64 * obj.dy)} "
+           f"{background}")
+    return "test" if zlib.crc32(key.encode()) % 5 == 0 else "train"
 
 
 class ConceptScenes(Dataset):
-    """Single-object scenes of `concepts` (balanced: sample i shows concepts[i % n]) in `split`'s layouts.
+    """Single-object scenes of `concepts` (balanced: sample i shows concepts[i % n]) of one split.
 
-    Samples {"image", "text"}: the text is a world caption of the scene ("there is a large orange circle at the
-    top left"), so the task trains through ITC like pre-training. Zero-shot classification scores the dataset:
+    Samples {"image", "text"}: the text names the object as the world's captions do, "a [small|large] orange
+    circle" (FoMo-in-Flux trains its classification data on "a photo of a {class}" captions), through ITC. Zero-shot classification scores the dataset:
     `prompts` (one per class of `label_space`) and `labels` (sample i's index in label_space). A scene's
     randomness is seeded by its concept and index, so a concept shows the same scenes in whatever task or
     ordering it lands."""
@@ -803,10 +804,11 @@ class ConceptScenes(Dataset):
             raise IndexError(f"sample {i} of {len(self)}")
         concept = self.concepts[i % len(self.concepts)]
         rng = random.Random(f"{self.seed}/stream/{concept_name(concept)}/{self.split}/{i // len(self.concepts)}")
-        cell, size = rng.choice([(c, s) for c in range(4) for s in range(len(SIZES))
-                                 if _stream_split(concept, c, s) == self.split])
-        obj = _place(rng, cell, shape=concept.shape, color=concept.color, size=size)
-        return concept, obj, _scene(rng, [obj]), _caption(rng, [obj])
+        while True:  # redrawn until the scene hashes to this split (1.25 draws for train, 5 for test)
+            obj = _place(rng, rng.randrange(4), shape=concept.shape, color=concept.color)
+            scene = _scene(rng, [obj])
+            if _stream_split(concept, obj, scene.background) == self.split:
+                return concept, obj, scene, _describe(rng, obj)
 
     def __getitem__(self, i):
         _, _, scene, caption = self.spec(i)
@@ -869,7 +871,7 @@ class TaskStream:
     A class is a (colour, shape) concept: 7 × 5 = 35. The base world (`world`, pre-training data and replay)
     draws only `base_colors`; the stream's concepts are the other colours × every shape (5 × 5 = 25 with the
     defaults), cut in `order` into `num_tasks` tasks of disjoint classes. Each task's train / test scenes are
-    single-object ConceptScenes; no test layout of a concept is ever a training layout (`_stream_split`).
+    single-object ConceptScenes; no test image is ever a training image (`_stream_split`).
 
     Scoring is zero-shot classification through ITC, as CLIP: a task's test scene is classified among the
     prompts of *every* stream concept (25-way), the retention set's among the base concepts (10-way). One
@@ -920,8 +922,12 @@ class TaskStream:
                              self.known_concepts)
 
     def base_data(self):
-        """The base world's pre-training captions (2–3 objects of the base colours)."""
-        return self.world.dataset("pretrain", "train")
+        """Pre-training data of the base model, and the replay's base share: the base world's captions (2–3
+        objects of the base colours) and, in equal parts, single-object scenes of the base concepts in their
+        training split (the retention set's concepts, as web data holds pictures of ImageNet's classes)."""
+        known = ConceptScenes(self.seed, self.image_size, self.known_concepts, "train", self.train_per_concept,
+                              self.known_concepts)
+        return Mixture([self.world.dataset("pretrain", "train"), known])
 
     def task_names(self):
         return [", ".join(concept_name(c) for c in concepts) for concepts in self.tasks]

@@ -633,7 +633,7 @@ class TemporalPreset:
     max_len: int = 24
     batch_size: int = 32
     precision: str = "fp32"
-    base_steps: int = 400          # pre-training of θ_0 on the base world (cached under OUT/base)
+    base_steps: int = 300          # pre-training of θ_0 on the base world (cached under OUT/base)
     base_lr: float = 1e-3
     task_steps: int = 4            # optimizer steps per task (FoMo-in-Flux: 1 420 at batch 512)
     lr: float = 5e-4               # peak lr, fresh warm-up + cosine per task (FoMo-in-Flux: 1e-5 for CLIP)
@@ -761,6 +761,9 @@ def base_weights(args, p: TemporalPreset, stream: Stream, out: str) -> dict:
         if checkpoint.get("variant") != "maa" or "config" not in checkpoint:
             raise ValueError(f"--base {path}: not a maa checkpoint (variant {checkpoint.get('variant')!r}); "
                              f"merging over time needs one set of weights: merge it first with `vlmerge.py merge`")
+        if checkpoint["config"]["vocab_size"] != len(stream.tokenizer):
+            raise ValueError(f"--base {path} embeds {checkpoint['config']['vocab_size']} tokens, but the stream's "
+                             f"tokenizer has {len(stream.tokenizer)} (give the --vocab it was trained with)")
         model = train.model_from_checkpoint(checkpoint, task="retrieval", variant="maa")
         train.transfer_weights(model, checkpoint["model"], "maa")
         return {"model": model.state_dict(), "config": dataclasses.asdict(model.cfg)}
@@ -778,7 +781,7 @@ def model_for(p: TemporalPreset, stream: Stream):
 
 def fit_args(p: TemporalPreset, config: dict, steps: int, lr: float, seed: int, out: str):
     """train.py's flags for one run of the loop; the shapes come from the model's config."""
-    return train.build_parser().parse_args([
+    return train.parse_args([
         "--task", "retrieval", "--variant", "maa", "--depth", str(config["depth"]),
         "--fusion-layers", str(config["fusion_layers"]), "--image-size", str(config["image_size"]),
         "--patch-size", str(config["patch_size"]), "--max-len", str(config["max_text_len"]),
@@ -833,8 +836,9 @@ class TemporalRun:
         self.p, self.stream, self.base, self.out = preset, stream, base["model"], out
         self.config = base["config"]
         self.model = train.model_from_checkpoint(base)
-        self.collate = data.Collator(stream.tokenizer, max_len=self.config["max_text_len"],
-                                     image_size=self.config["image_size"])
+        collate = data.Collator(stream.tokenizer, max_len=self.config["max_text_len"],
+                                image_size=self.config["image_size"])
+        self.measure = _SCORERS[stream.metric](stream, collate)
         self.t0 = None
 
     def run_seed(self, cells, seed) -> dict:
@@ -896,19 +900,26 @@ class TemporalRun:
     def score(self, weights) -> dict:
         """The deployed weights on every task's test set and on the retention set."""
         self.model.load_state_dict(weights, strict=True)
-        measure = _SCORES[self.stream.metric]
-        return {"tasks": [measure(self.model, d, self.collate) for d in self.stream.test],
-                "retention": measure(self.model, self.stream.retention, self.collate)}
+        return self.measure(self.model)
 
 
-def _recall_at_5(model, dataset, collate):
-    """Retrieval's score in FoMo-in-Flux: recall@5, here the mean of text and image retrieval."""
-    r = train.evaluate(model, "retrieval", dataset, collate, batch_size=128)
-    return (r["tr_r5"] + r["ir_r5"]) / 2
+def zero_shot_scorer(stream, collate):
+    """Every test set scored by zero-shot classification; images rendered and normalized once for the run."""
+    tests = [train.zero_shot_inputs(d, collate) for d in stream.test]
+    retention = train.zero_shot_inputs(stream.retention, collate)
+    return lambda model: {"tasks": [train.zero_shot_accuracy(model, *t) for t in tests],
+                          "retention": train.zero_shot_accuracy(model, *retention)}
 
 
-_SCORES = {"accuracy": lambda model, dataset, collate: train.zero_shot_accuracy(model, dataset, collate),
-           "recall@5": _recall_at_5}
+def retrieval_scorer(stream, collate):
+    """Every test set scored by retrieval recall@5 (FoMo-in-Flux's retrieval score), mean of TR and IR."""
+    def recall(model, dataset):
+        r = train.evaluate(model, "retrieval", dataset, collate, batch_size=128)
+        return (r["tr_r5"] + r["ir_r5"]) / 2
+    return lambda model: {"tasks": [recall(model, d) for d in stream.test], "retention": recall(model, stream.retention)}
+
+
+_SCORERS = {"accuracy": zero_shot_scorer, "recall@5": retrieval_scorer}
 
 
 # -- the numbers: FoMo-in-Flux's metrics per step, mean ± std over seeds ---------------------------
