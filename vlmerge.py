@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -858,7 +859,7 @@ class TemporalRun:
         """Init → train → store → deploy → evaluate, task by task; the first cell's init starts each expert."""
         drivers = [_DRIVERS[c.kind](c, self.base, self.options(c, seed)) for c in cells]
         rows = {c.name: [self.t0] for c in cells}
-        label = cells[0].name.replace("/", "-").replace(" ", "_")
+        label = run_label(cells[0])
         for t in tqdm(range(len(self.stream.train)), desc=f"seed {seed} {cells[0].name}", leave=False):
             expert = self.train(drivers[0].init_weights(), self.task_data(t, cells[0].replay),
                                 round(cells[0].budget * self.p.task_steps), seed,
@@ -875,7 +876,7 @@ class TemporalRun:
         # FoMo-in-Flux: 1/3 pre-training data, 2/3 task data
         mixture = data.Mixture([self.stream.base, union, union]) if cell.replay else union
         steps = round(cell.budget * self.p.task_steps) * len(self.stream.train)
-        weights = self.train(self.base, mixture, steps, seed, os.path.join(self.out, f"seed{seed}", cell.name.replace(" ", "_")))
+        weights = self.train(self.base, mixture, steps, seed, os.path.join(self.out, f"seed{seed}", run_label(cell)))
         return [self.t0] + [None] * (len(self.stream.train) - 1) + [self.score(weights)]
 
     def task_data(self, t, replay):
@@ -901,6 +902,12 @@ class TemporalRun:
         """The deployed weights on every task's test set and on the retention set."""
         self.model.load_state_dict(weights, strict=True)
         return self.measure(self.model)
+
+
+def run_label(cell) -> str:
+    """A directory name for people (the record of what ran is args.json beside it): `ema/ema steps×0.5`
+    -> `ema-ema_steps_0.5`."""
+    return re.sub(r"[^\w.-]+", "_", cell.name.replace("/", "-"))
 
 
 def zero_shot_scorer(stream, collate):

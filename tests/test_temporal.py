@@ -24,8 +24,9 @@ T = vlmerge.TEMPORAL_PRESETS["smoke"].num_tasks
 
 
 def cli(*argv, timeout=600):
+    # one thread: the grid's models are tiny, and on a shared 2-core machine OpenMP threads mostly wait on each other
     return subprocess.run([sys.executable, "vlmerge.py", *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +202,7 @@ def test_smoke_grid_findings_are_computed(smoke_grid):
 
 def test_experts_are_trained_once_per_chain(smoke_grid):
     runs = [root for root, _, files in os.walk(smoke_grid / "seed0") if "log.jsonl" in files]
-    assert len(runs) == 12 * T + 2  # 12 chains of T experts, and the two oracles
+    assert len(runs) == 11 * T + 2  # 11 chains of T experts, and the two oracles
     assert not [root for root, _, files in os.walk(smoke_grid / "seed0") if "ckpt.pt" in files]
 
 
