@@ -59,6 +59,13 @@ DistributedSampler needs). And a scene's *layout* — the set of (cell, shape, c
 split by a hash (crc32 mod 10: 0 → val, 1 → test, else train); samples are redrawn until their layout (for
 nlvr2 the pair's) hashes to their split. So no val/test layout is ever seen in training, by any task.
 
+**The task stream** (merging over time, Dziadzio et al. 2025; `TaskStream`). A class is a (colour, shape)
+*concept*. The base world (`SyntheticWorld(colors=...)`) shows only red and blue; the stream's concepts — the
+other five colours × five shapes — are cut into T tasks of disjoint classes (`random` or `domain` order), each
+a `ConceptScenes` of single-object images named "a [size] <colour> <shape>". Scored by zero-shot
+classification over every stream concept; the retention set is the base concepts. `Mixture` /
+`replay_mixture` interleave base data, the current task and the previous tasks in equal shares (replay).
+
 **Real-format loaders** (`load_karpathy`, `load_image_text_jsonl`, `load_vqa`, `load_nlvr2`) return Datasets
 of the same sample dicts, reading images lazily as RGB uint8. Whatever can be checked when loading is
 (JSON, fields, empty text, image files exist): a bad record raises one ValueError naming the file and the

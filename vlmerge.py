@@ -1,6 +1,8 @@
-"""vlmerge: the paper's recipe end to end, and the tools around it (Sung et al. 2023, Fig. 1).
+"""vlmerge: the paper's recipe end to end, merging over time, and the tools around them (Sung et al. 2023,
+Fig. 1; Dziadzio et al. 2025).
 
     python vlmerge.py recipe --preset tiny            # pre-train, merge, fine-tune, evaluate, REPORT.md
+    python vlmerge.py temporal --preset tiny --grid   # init × deploy × technique over a task stream, TEMPORAL.md
     python vlmerge.py merge CKPT --method interpolation --alpha 0.75 -o merged.pt
     python vlmerge.py distance CKPT [CKPT2]           # L2, cosine, SSD, TSSD (Sec. 7)
     python vlmerge.py eval CKPT --task vqa
@@ -21,6 +23,15 @@ output under OUT/<stage>/, reused when its metrics.json exists (so an interrupte
      4b Fig. 4 the shared-weight variants through the same seed -> VL -> merge -> fine-tune path.
   5. Table 5   L2 / cosine / SSD / TSSD between the vision and language experts of each msa, the
                merge drop, and the Pearson correlation of each metric with the drop.
+
+Merging over time (`temporal`): a base maa θ_0, then T tasks; per task, TIME's init phase picks the weights
+the expert starts from, train.fit trains it, it is stored, the deploy phase picks the shipped weights, and
+those are scored on every task and on a retention set. `--grid` runs every cell of the paper's grid and the
+findings T1–T6; see run_temporal.
+
+How this file reads: presets and the paper's numbers; merging a checkpoint file; the recipe (the Recipe
+class, then its report); merging over time (run_temporal, then its stages, metrics and report); bench; the
+other commands and the command line.
 """
 import argparse
 import contextlib

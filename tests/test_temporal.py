@@ -223,6 +223,16 @@ def test_base_scores_lower_on_the_stream_than_on_retention(smoke_grid):
 
 # --- bad input -----------------------------------------------------------------------------------
 
+def command(capsys, *argv):
+    """vlmerge.py in this process: (exit status, stderr)."""
+    try:
+        vlmerge.main([*map(str, argv)])
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    return code, capsys.readouterr().err
+
+
 def maa_checkpoint(path, variant="maa"):
     torch.manual_seed(0)
     vocab = len(data.SyntheticWorld().tokenizer())
@@ -233,19 +243,19 @@ def maa_checkpoint(path, variant="maa"):
     return path
 
 
-def test_an_unknown_option_is_one_clear_error():
-    result = cli("temporal", "--preset", "smoke", "--inti", "ema")
-    assert result.returncode == 2 and "unrecognized arguments: --inti" in result.stderr
-    result = cli("temporal", "--preset", "smoke", "--deploy", "zs")
-    assert result.returncode == 2 and "--deploy: invalid choice: 'zs'" in result.stderr
+def test_an_unknown_option_is_one_clear_error(capsys):
+    code, err = command(capsys, "temporal", "--preset", "smoke", "--inti", "ema")
+    assert code == 2 and "unrecognized arguments: --inti" in err
+    code, err = command(capsys, "temporal", "--preset", "smoke", "--deploy", "zs")
+    assert code == 2 and "--deploy: invalid choice: 'zs'" in err
 
 
-def test_a_base_that_is_not_maa_is_refused(tmp_path):
+def test_a_base_that_is_not_maa_is_refused(tmp_path, capsys):
     msa = maa_checkpoint(tmp_path / "msa.pt", variant="msa")
-    result = cli("temporal", "--preset", "smoke", "--base", msa, "--out", tmp_path / "out")
-    assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: --base {msa}: not a maa checkpoint (variant 'msa'); merging over time "
-                                     f"needs one set of weights: merge it first with `vlmerge.py merge`")
+    code, err = command(capsys, "temporal", "--preset", "smoke", "--base", msa, "--out", tmp_path / "out")
+    assert code == 2
+    assert err.strip() == (f"error: --base {msa}: not a maa checkpoint (variant 'msa'); merging over time "
+                           f"needs one set of weights: merge it first with `vlmerge.py merge`")
 
 
 def stream_files(tmp_path, lines):
@@ -263,23 +273,32 @@ def stream_files(tmp_path, lines):
             "--base", maa_checkpoint(tmp_path / "base.pt"), "--out", tmp_path / "out"]
 
 
-def test_a_stream_file_that_does_not_exist_is_named(tmp_path):
+def test_a_stream_file_that_does_not_exist_is_named(tmp_path, capsys):
     argv = stream_files(tmp_path, None)
     argv[2] = tmp_path / "missing.jsonl"
-    result = cli("temporal", "--preset", "smoke", *argv)
-    assert result.returncode == 2 and result.stderr.startswith("error:") and "missing.jsonl" in result.stderr
+    code, err = command(capsys, "temporal", "--preset", "smoke", *argv)
+    assert code == 2 and err.startswith("error:") and str(tmp_path / "missing.jsonl") in err
 
 
-def test_a_bad_line_in_a_stream_file_is_named_by_file_and_line(tmp_path):
+def test_a_bad_line_in_a_stream_file_is_named_by_file_and_line(tmp_path, capsys):
     argv = stream_files(tmp_path, ['{"image": "0.png", "caption": "a red circle"}', '{"image": "0.png"'])
-    result = cli("temporal", "--preset", "smoke", *argv)
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {tmp_path / 't1.jsonl'} line 2: malformed JSON (Expecting ',' delimiter)"
+    code, err = command(capsys, "temporal", "--preset", "smoke", *argv)
+    assert code == 2
+    assert err.strip() == f"error: {tmp_path / 't1.jsonl'} line 2: malformed JSON (Expecting ',' delimiter)"
 
 
-def test_real_files_run_one_cell_scored_by_retrieval(tmp_path):
-    result = cli("temporal", "--preset", "smoke", "--init", "ft", "--deploy", "all", *stream_files(tmp_path, None))
-    assert result.returncode == 0, result.stderr[-2000:]
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as cli(): tiny models, a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_real_files_run_one_cell_scored_by_retrieval(tmp_path, capsys, one_thread):
+    code, err = command(capsys, "temporal", "--preset", "smoke", "--init", "ft", "--deploy", "all",
+                        *stream_files(tmp_path, None))
+    assert code == 0, err[-2000:]
     r = json.loads((tmp_path / "out" / "temporal.json").read_text())
     assert set(r["cells"]) == {"base", "ft/all"} and r["stream"]["metric"] == "recall@5"
     assert r["stream"]["tasks"] == ["t1.jsonl", "t2.jsonl"]
