@@ -718,6 +718,8 @@ class Stream:
 
 def run_temporal(args) -> dict:
     """Merging over time end to end (the stages are listed above this section)."""
+    if args.seeds < 1:
+        raise ValueError(f"--seeds {args.seeds}: give at least 1")
     preset = TEMPORAL_PRESETS[args.preset]
     out = args.out or os.path.join("runs", f"temporal_{args.preset}")
     os.makedirs(out, exist_ok=True)

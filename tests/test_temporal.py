@@ -248,6 +248,7 @@ def test_an_unknown_option_is_one_clear_error(capsys):
     assert code == 2 and "unrecognized arguments: --inti" in err
     code, err = command(capsys, "temporal", "--preset", "smoke", "--deploy", "zs")
     assert code == 2 and "--deploy: invalid choice: 'zs'" in err
+    assert command(capsys, "temporal", "--preset", "smoke", "--seeds", "0") == (2, "error: --seeds 0: give at least 1\n")
 
 
 def test_a_base_that_is_not_maa_is_refused(tmp_path, capsys):
