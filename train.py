@@ -549,7 +549,7 @@ def fit(args, model, train_set, eval_set=None, tokenizer=None) -> dict:
             thing.load_state_dict(resumed[name])
         set_rng_state(rank_rng_state(resumed["rng"], rank, world, ckpt_path))
     if master:
-        write_json(os.path.join(args.out, "args.json"), vars(args) | {"frozen_parameters": len(frozen)})
+        write_json(os.path.join(args.out, "args.json"), vars(args) | {"frozen_parameters": frozen})
     runner = torch.compile(objective) if args.compile else objective
     if world > 1:
         runner = DDP(runner, device_ids=[device.index] if device.type == "cuda" else None)
