@@ -410,3 +410,51 @@ def test_epochs_become_steps_from_the_data_size(tmp_path):
     train.run(TINY + ["--epochs", "0.01", "--batch-size", "32", "--out", out, "--precision", "fp32"])
     # 0.01 epochs of the 100 000 pre-training captions at batch 32 -> ceil(1000 / 32) = 32 steps
     assert train.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 32
+
+
+# --- DDP: a 2-rank gloo run killed and resumed is the uninterrupted run, on every rank -----------------
+
+def _train_rank(rank, world, port, argv, interrupt, rng_dir):
+    """One torchrun-like rank running train.run; `interrupt` kills it right after the first checkpoint
+    (every rank reaches the barrier that follows a save), as a pre-empted job would die."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    real_barrier = train.barrier
+
+    def barrier_then_die():
+        real_barrier()
+        raise KeyboardInterrupt
+    if interrupt:
+        train.barrier = barrier_then_die
+    try:
+        train.run(argv)
+        torch.save(torch.get_rng_state(), os.path.join(rng_dir, f"rng{rank}.pt"))  # where each rank's stream ended
+    except KeyboardInterrupt:
+        pass
+    finally:
+        train.barrier = real_barrier
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_rank_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path):
+    import torch.multiprocessing as mp
+    common = TINY + ["--steps", "4", "--batch-size", "8", "--precision", "fp32", "--log-every", "1",
+                     "--save-every", "2", "--lr", "1e-3", "--device", "cpu"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    for d in (full, cut):
+        os.makedirs(d)
+    mp.spawn(_train_rank, args=(2, free_port(), common + ["--out", full], False, full), nprocs=2, join=True)
+    mp.spawn(_train_rank, args=(2, free_port(), common + ["--out", cut], True, cut), nprocs=2, join=True)
+    assert train.load_checkpoint(os.path.join(cut, "ckpt.pt"))["step"] == 2
+    mp.spawn(_train_rank, args=(2, free_port(), common + ["--out", cut, "--resume"], False, cut), nprocs=2, join=True)
+    # logged losses are all-reduced over ranks: each rank's hard negatives (its own RNG) enter them
+    assert [r["loss"] for r in read_log(cut)] == [r["loss"] for r in read_log(full)]
+    a, b = (train.load_checkpoint(os.path.join(d, "ckpt.pt")) for d in (full, cut))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert len(b["rng"]) == 2 and not torch.equal(b["rng"][0]["torch"], b["rng"][1]["torch"])
+    for rank in (0, 1):  # every rank's random stream continued where its own left off
+        assert torch.equal(torch.load(os.path.join(full, f"rng{rank}.pt"), weights_only=True),
+                           torch.load(os.path.join(cut, f"rng{rank}.pt"), weights_only=True))
