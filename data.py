@@ -59,6 +59,13 @@ DistributedSampler needs). And a scene's *layout* — the set of (cell, shape, c
 split by a hash (crc32 mod 10: 0 → val, 1 → test, else train); samples are redrawn until their layout (for
 nlvr2 the pair's) hashes to their split. So no val/test layout is ever seen in training, by any task.
 
+**The task stream** (merging over time, Dziadzio et al. 2025; `TaskStream`). A class is a (colour, shape)
+*concept*. The base world (`SyntheticWorld(colors=...)`) shows only red and blue; the stream's concepts — the
+other five colours × five shapes — are cut into T tasks of disjoint classes (`random` or `domain` order), each
+a `ConceptScenes` of single-object images named "a [size] <colour> <shape>". Scored by zero-shot
+classification over every stream concept; the retention set is the base concepts. `Mixture` /
+`replay_mixture` interleave base data, the current task and the previous tasks in equal shares (replay).
+
 **Real-format loaders** (`load_karpathy`, `load_image_text_jsonl`, `load_vqa`, `load_nlvr2`) return Datasets
 of the same sample dicts, reading images lazily as RGB uint8. Whatever can be checked when loading is
 (JSON, fields, empty text, image files exist): a bad record raises one ValueError naming the file and the
@@ -259,10 +266,11 @@ _INSIDE = (
 )
 
 
-def _place(rng, cell, shape=None, color=None, size=None):
-    """An object in `cell`; attributes not given are drawn uniformly."""
+def _place(rng, cell, shape=None, color=None, size=None, palette=None):
+    """An object in `cell`; attributes not given are drawn uniformly (a colour from `palette`, if given)."""
     shape = rng.randrange(len(SHAPES)) if shape is None else shape
-    color = rng.randrange(len(COLORS)) if color is None else color
+    if color is None:
+        color = rng.randrange(len(COLORS)) if palette is None else rng.choice(palette)
     size = rng.randrange(len(SIZES)) if size is None else size
     slack = 0.25 - RADII[size] - 0.01  # how far the centre may move and keep the object inside its cell
     return Obj(shape, color, size, cell, rng.uniform(-slack, slack), rng.uniform(-slack, slack))
@@ -276,8 +284,8 @@ def _place_avoiding(rng, cell, avoid):
             return obj
 
 
-def _random_objects(rng, n):
-    return [_place(rng, cell) for cell in rng.sample(range(4), n)]
+def _random_objects(rng, n, palette=None):
+    return [_place(rng, cell, palette=palette) for cell in rng.sample(range(4), n)]
 
 
 def _scene(rng, objects):
@@ -540,7 +548,7 @@ _SAY = {"more": _say_more, "both": _say_both, "exactly_one": _say_exactly_one,
 # {"scenes": [Scene, ...], "text" or "captions", task fields}.
 
 def _make_captioned(rng, split, world):
-    (objects,), _ = _redraw(split, lambda: ([_random_objects(rng, rng.randint(2, 3))], None))
+    (objects,), _ = _redraw(split, lambda: ([_random_objects(rng, rng.randint(2, 3), world.palette)], None))
     return {"scenes": [_scene(rng, objects)],
             "captions": [_caption(rng, objects) for _ in range(world.captions_per_image)]}
 
@@ -700,6 +708,19 @@ class SyntheticWorld:
     val_size: int = 1_000
     test_size: int = 1_000
     captions_per_image: int = 5
+    # the colours pretrain / retrieval scenes draw from (None: all of COLORS); the base world of the task
+    # stream leaves some out. The tokenizer still holds every colour word, so a later model can learn them.
+    colors: tuple | None = None
+
+    def __post_init__(self):
+        unknown = [c for c in self.colors or () if c not in COLORS]
+        if unknown or self.colors == ():
+            raise ValueError(f"SyntheticWorld colors {self.colors!r}: choose a non-empty subset of {COLORS}")
+
+    @property
+    def palette(self):
+        """Indices of `colors` (None: every colour)."""
+        return None if self.colors is None else [COLORS.index(c) for c in self.colors]
 
     @property
     def answers(self):
@@ -721,6 +742,8 @@ class SyntheticWorld:
     def dataset(self, task, split):
         if task not in TASKS or split not in SPLITS:
             raise ValueError(f"task {task!r}, split {split!r}: choose a task of {TASKS} and a split of {SPLITS}")
+        if self.colors is not None and task not in ("pretrain", "retrieval"):
+            raise ValueError(f"task {task!r}: only pretrain / retrieval scenes honour SyntheticWorld.colors")
         return (SyntheticCaptions if task in ("pretrain", "retrieval") else SyntheticDataset)(self, task, split)
 
     def tokenizer(self):
@@ -737,6 +760,192 @@ class SyntheticWorld:
         scenes = [_scene(rng, _random_objects(rng, rng.randint(1, 3))) for _ in range(n)]
         drawn = [render(scenes[i:i + chunk], image_size or self.image_size) for i in range(0, n, chunk)]
         return torch.cat([d[0] for d in drawn]), torch.cat([d[1] for d in drawn])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The task stream: merging over time (Dziadzio et al. 2025), carved from the synthetic world
+
+Concept = namedtuple("Concept", "color shape")  # a class of the stream: attribute indices
+STREAM_BASE_COLORS = ("red", "blue")  # what the base world shows; the other five colours are the stream's
+
+
+def concept_name(concept):
+    return f"{COLORS[concept.color]} {SHAPES[concept.shape]}"
+
+
+def concept_prompt(concept):
+    """The class's zero-shot text prompt, as CLIP's "a photo of a {class}": "an orange circle"."""
+    return _a(concept_name(concept))
+
+
+def _stream_split(concept, obj, background):
+    """"train" or "test" for a single-object scene, by a hash of what its image shows to within a pixel: the
+    concept, cell, size, the object's offset in 1/64ths of the image side and the background level (crc32
+    mod 5: 0 → test). So no test image is ever a training image, of any task, while every concept is tested
+    in every cell and size. (Holding whole (cell, size) layouts out per concept, as the world's split does,
+    backfires here: with 8 layouts a concept the model learns "at this cell and size, not that shape".)"""
+    key = (f"{concept.color} {concept.shape} {obj.cell} {obj.size} {round(64 * obj.dx)} {round(64 * obj.dy)} "
+           f"{background}")
+    return "test" if zlib.crc32(key.encode()) % 5 == 0 else "train"
+
+
+class ConceptScenes(Dataset):
+    """Single-object scenes of `concepts` (balanced: sample i shows concepts[i % n]) of one split.
+
+    Samples {"image", "text"}: the text names the object as the world's captions do, "a [small|large] orange
+    circle" (FoMo-in-Flux trains its classification data on "a photo of a {class}" captions), through ITC. Zero-shot classification scores the dataset:
+    `prompts` (one per class of `label_space`) and `labels` (sample i's index in label_space). A scene's
+    randomness is seeded by its concept and index, so a concept shows the same scenes in whatever task or
+    ordering it lands."""
+
+    def __init__(self, seed, image_size, concepts, split, per_concept, label_space):
+        self.seed, self.image_size, self.split = seed, image_size, split
+        self.concepts, self.per_concept, self.label_space = list(concepts), per_concept, list(label_space)
+
+    def __len__(self):
+        return len(self.concepts) * self.per_concept
+
+    def spec(self, i):
+        """(concept, the one object, scene, caption) of sample i, without pixels."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} of {len(self)}")
+        concept = self.concepts[i % len(self.concepts)]
+        rng = random.Random(f"{self.seed}/stream/{concept_name(concept)}/{self.split}/{i // len(self.concepts)}")
+        while True:  # redrawn until the scene hashes to this split (1.25 draws for train, 5 for test)
+            obj = _place(rng, rng.randrange(4), shape=concept.shape, color=concept.color)
+            scene = _scene(rng, [obj])
+            if _stream_split(concept, obj, scene.background) == self.split:
+                return concept, obj, scene, _describe(rng, obj)
+
+    def __getitem__(self, i):
+        _, _, scene, caption = self.spec(i)
+        return {"image": render([scene], self.image_size)[0][0], "text": caption}
+
+    @property
+    def prompts(self):
+        return [concept_prompt(c) for c in self.label_space]
+
+    @property
+    def labels(self):
+        return [self.label_space.index(self.concepts[i % len(self.concepts)]) for i in range(len(self))]
+
+
+class Mixture(Dataset):
+    """Equal shares of several datasets, interleaved by index: sample i is sources[i % k][(i // k) % len].
+
+    So a shuffled batch holds 1/k of each source in expectation, and an epoch is k × the longest source
+    (shorter sources repeat). This is the replay mixture of FoMo-in-Flux: base pre-training data, the current
+    task and a buffer of every previous task, ⅓ each (0.33 / 0.34 / 0.33 there)."""
+
+    def __init__(self, sources):
+        self.sources = [s for s in sources if s is not None and len(s)]
+        if not self.sources:
+            raise ValueError("Mixture needs at least one non-empty dataset")
+
+    def __len__(self):
+        return len(self.sources) * max(len(s) for s in self.sources)
+
+    def __getitem__(self, i):
+        source = self.sources[i % len(self.sources)]
+        return source[(i // len(self.sources)) % len(source)]
+
+
+def replay_mixture(base, current, previous):
+    """Base pre-training data, the current task, and every previous task (ConcatDataset) in equal shares.
+
+    A missing part (no base data for real files, no previous task at t = 1) drops out of the mixture."""
+    buffer = torch.utils.data.ConcatDataset(previous) if previous else None
+    return Mixture([base, current, buffer])
+
+
+def _order_random(concepts, rng):
+    return rng.sample(concepts, len(concepts))
+
+
+def _order_domain(concepts, rng):
+    """Grouped by colour (a colour is a domain), colours in a seeded order: task k teaches mostly one colour."""
+    colors = rng.sample(sorted({c.color for c in concepts}), len({c.color for c in concepts}))
+    return sorted(concepts, key=lambda c: (colors.index(c.color), c.shape))
+
+
+ORDERS = {"random": _order_random, "domain": _order_domain}
+
+
+@dataclass
+class TaskStream:
+    """T tasks of concepts the base model lacks, and a retention set of concepts it knows.
+
+    A class is a (colour, shape) concept: 7 × 5 = 35. The base world (`world`, pre-training data and replay)
+    draws only `base_colors`; the stream's concepts are the other colours × every shape (5 × 5 = 25 with the
+    defaults), cut in `order` into `num_tasks` tasks of disjoint classes. Each task's train / test scenes are
+    single-object ConceptScenes; no test image is ever a training image (`_stream_split`).
+
+    Scoring is zero-shot classification through ITC, as CLIP: a task's test scene is classified among the
+    prompts of *every* stream concept (25-way), the retention set's among the base concepts (10-way). One
+    label space for the whole stream, as FoMo-in-Flux scores a dataset over all its classes, whether streamed
+    yet or not: with a task's own classes only, a base model could tell classes of different shapes apart
+    without knowing their colour, and the task would not need the concept it is meant to teach.
+    """
+
+    seed: int = 0
+    image_size: int = 32
+    num_tasks: int = 5
+    order: str = "random"
+    base_colors: tuple = STREAM_BASE_COLORS
+    test_per_concept: int = 20
+    train_per_concept: int = 10_000  # drawn lazily: a bound on distinct scenes, not a cost
+    base_train_size: int = 20_000
+
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise ValueError(f"stream order {self.order!r}: choose one of {tuple(ORDERS)}")
+        self.world = SyntheticWorld(seed=self.seed, image_size=self.image_size, train_size=self.base_train_size,
+                                    colors=tuple(self.base_colors))
+        if not 1 <= self.num_tasks <= len(self.new_concepts):
+            raise ValueError(f"num_tasks {self.num_tasks}: the stream has {len(self.new_concepts)} concepts")
+
+    @property
+    def known_concepts(self):
+        return [Concept(c, s) for c in self.world.palette for s in range(len(SHAPES))]
+
+    @property
+    def new_concepts(self):
+        return [Concept(c, s) for c in range(len(COLORS)) if c not in self.world.palette for s in range(len(SHAPES))]
+
+    @functools.cached_property
+    def tasks(self):
+        """The concepts of each task, in stream order: T chunks (sizes differing by at most one)."""
+        ordered = ORDERS[self.order](self.new_concepts, random.Random(f"{self.seed}/order/{self.order}"))
+        n, t = len(ordered), self.num_tasks
+        return [ordered[k * n // t:(k + 1) * n // t] for k in range(t)]
+
+    def task(self, t, split):
+        """Task t's (0-based) scenes."""
+        per = self.train_per_concept if split == "train" else self.test_per_concept
+        return ConceptScenes(self.seed, self.image_size, self.tasks[t], split, per, self.new_concepts)
+
+    def retention(self):
+        return ConceptScenes(self.seed, self.image_size, self.known_concepts, "test", self.test_per_concept,
+                             self.known_concepts)
+
+    def base_data(self):
+        """Pre-training data of the base model, and the replay's base share: the base world's captions (2–3
+        objects of the base colours) and, in equal parts, single-object scenes of the base concepts in their
+        training split (the retention set's concepts, as web data holds pictures of ImageNet's classes)."""
+        known = ConceptScenes(self.seed, self.image_size, self.known_concepts, "train", self.train_per_concept,
+                              self.known_concepts)
+        return Mixture([self.world.dataset("pretrain", "train"), known])
+
+    def task_names(self):
+        return [", ".join(concept_name(c) for c in concepts) for concepts in self.tasks]
+
+
+def retrieval_jsonl(path, image_root):
+    """An image–text JSON-lines file (load_image_text_jsonl) as a retrieval split: captions of the same image
+    file share its image_id. Scored by recall, as the stream's real-file form is."""
+    records = load_image_text_jsonl(path, image_root).records
+    ids = {}
+    return ImageTextDataset([{**r, "image_id": ids.setdefault(r["image"], len(ids))} for r in records])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -199,6 +199,39 @@ def evaluate_retrieval(model, dataset, collate, batch_size, autocast):
 
 
 @torch.no_grad()
+def zero_shot_predict(model, images, prompt_ids, prompt_mask, batch_size=256, autocast=contextlib.nullcontext()):
+    """Zero-shot classification through ITC, as CLIP: each image goes to the class whose text prompt has the
+    most similar embedding. images (N,3,H,W) normalized; prompts (C,L) token ids and mask. Returns (N,) long."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    try:
+        with autocast:
+            text_feats = model.encode_text(prompt_ids.to(device), prompt_mask.to(device))       # (C, L, D)
+        predicted = []
+        for start in range(0, len(images), batch_size):
+            with autocast:
+                image, text = model.itc_embed(model.encode_image(images[start:start + batch_size].to(device)),
+                                              text_feats)                                    # (B, D), (C, D)
+            predicted.append((image.float() @ text.float().T).argmax(1).cpu())              # (B,)
+    finally:
+        model.train(was_training)
+    return torch.cat(predicted)
+
+
+def zero_shot_inputs(dataset, collate):
+    """What zero-shot classification of `dataset` needs, prepared once: its images (normalized), labels, and
+    the token ids and mask of its class prompts (`dataset.prompts`, `dataset.labels`)."""
+    images = collate.images([dataset[i]["image"] for i in range(len(dataset))])              # (N, 3, H, W)
+    return (images, torch.as_tensor(dataset.labels), *collate.texts(dataset.prompts))
+
+
+def zero_shot_accuracy(model, images, labels, prompt_ids, prompt_mask) -> float:
+    """Top-1 of zero_shot_predict, in percent; the arguments are zero_shot_inputs(dataset, collate)."""
+    return 100 * (zero_shot_predict(model, images, prompt_ids, prompt_mask) == labels).float().mean().item()
+
+
+@torch.no_grad()
 def evaluate(model, task, dataset, collate, batch_size=64, autocast=contextlib.nullcontext()):
     """The task's metrics on `dataset` (percentages). Pre-training is scored by zero-shot retrieval."""
     was_training = model.training
