@@ -46,7 +46,8 @@ The six tasks, each with train / val / test splits (sizes `train_size`, `val_siz
     vqa        1–3 objects; the question type (6 kinds) and then the answer are drawn uniformly *first* and
                the scene is built to fit, so the question alone does not tell the answer. Ten annotators
                answer, each correctly with p = 0.9, else with another answer of the same type; the target is
-               VQA v2's soft score min(1, #annotators who gave a / 3). `world.answers`: 20 answers (7 colors,
+               ViLT / VLMo's soft score (0.3 / 0.6 / 0.9 / 1 for 1 / 2 / 3 / ≥4 annotators who gave a), scored
+               by the official VQA accuracy (`vqa_accuracy`). `world.answers`: 20 answers (7 colors,
                5 shapes, small/large, 0–3, yes/no).
     nlvr2      two scenes and a statement of one of 5 kinds; the label (balanced) and the kind are drawn first,
                then scenes are drawn until the statement has that truth value.
@@ -477,9 +478,15 @@ _ASK = {"color": _ask_color, "shape": _ask_shape, "size": _ask_size, "count": _a
         "exist": _ask_exist, "relation": _ask_relation}
 
 
+SOFT_SCORES = (0.0, 0.3, 0.6, 0.9, 1.0)  # by the number of annotators (4 or more: 1)
+
+
 def vqa_scores(annotator_answers):
-    """VQA v2 soft scores: score(a) = min(1, #annotators who answered a / 3)."""
-    return {a: min(1.0, n / 3) for a, n in Counter(annotator_answers).items()}
+    """Training targets, ViLT / VLMo's soft scores: 0.3, 0.6, 0.9, 1.0 for an answer 1, 2, 3, ≥4 annotators gave.
+
+    These are what `vqa_accuracy` gives that answer (its leave-one-out average), not min(1, n/3), which
+    would credit 1 and 2 annotators with 0.33 and 0.67."""
+    return {a: SOFT_SCORES[min(n, 4)] for a, n in Counter(annotator_answers).items()}
 
 
 # NLVR2: a statement about two object lists and its truth; attributes are taken from objects in the scenes
@@ -1032,6 +1039,73 @@ def load_nlvr2(jsonl_path, image_root, skip_bad=False):
         except _BadRecord as error:
             report(where, error)
     return FileDataset(report.finish(records))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# VQA v2's official accuracy (the VQA API's evaluation script, re-implemented from its rules)
+
+# Facts of the official script: the punctuation it strips, number words it maps to digits, the articles it
+# drops, and its contraction table. Each contraction is listed once, written out; the script maps the forms
+# with exactly one apostrophe left out to it ("dont" -> "don't", "couldnt've" and "couldn'tve" ->
+# "couldn't've"). Its I-forms ("Im", "Ive", ...) are keyed in capitals and never match lowercased text, so
+# they are not listed; "she's" and "let's" only map to themselves.
+_VQA_PUNCTUATION = ';/[]"{}()=+\\_->@`,?!<'
+_VQA_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_VQA_NUMBERS["none"] = "0"
+_VQA_ARTICLES = {"a", "an", "the"}
+_VQA_CONTRACTED = (
+    "ain't aren't can't could've couldn't didn't doesn't don't hadn't hasn't haven't he'd he's how'd how'll how's "
+    "isn't it'd it'll ma'am mightn't might've mustn't must've needn't not've o'clock oughtn't shan't should've "
+    "shouldn't somebody'll somebody's someone'd someone'll someone's something'd something'll that's there'd "
+    "there're there's they'd they'll they're they've 'twas wasn't we've weren't what'll what're what's what've "
+    "when's where'd where's where've who'd who'll who's who've why'll why're why's won't would've wouldn't y'all "
+    "you'd you'll you're you've couldn't've hadn't've he'd've it'd've mightn't've she'd've shouldn't've "
+    "somebody'd've someone'd've something'd've there'd've they'd've we'd've who'd've wouldn't've y'all'll "
+    "y'all'd've you'd've 'ow's'at").split()
+_VQA_CONTRACTIONS = {form[:i] + form[i + 1:]: form for form in _VQA_CONTRACTED
+                     for i, char in enumerate(form) if char == "'"}
+_VQA_CONTRACTIONS["somebody'd"] = "somebodyd"  # the script's table has this one backwards; kept, to agree with it
+_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+_PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
+
+
+def _vqa_punctuation(text):
+    """The script's processPunctuation: a mark next to a space (or any mark in a text with a digit,digit) is
+    deleted, any other becomes a space; then every period not followed by a digit goes."""
+    delete = _DIGIT_COMMA_DIGIT.search(text) is not None
+    for mark in _VQA_PUNCTUATION:
+        gone = delete or mark + " " in text or " " + mark in text
+        text = text.replace(mark, "" if gone else " ")
+    return _PERIOD_NOT_BEFORE_DIGIT.sub("", text)
+
+
+def normalize_answer(answer):
+    """A predicted answer as the official script compares it: whitespace, punctuation, lowercase, number
+    words -> digits, articles dropped, contractions restored ("Two dogs." -> "2 dogs", "dont" -> "don't")."""
+    text = _vqa_punctuation(answer.replace("\n", " ").replace("\t", " ").strip())
+    words = [_VQA_NUMBERS.get(w, w) for w in text.lower().split()]
+    return " ".join(_VQA_CONTRACTIONS.get(w, w) for w in words if w not in _VQA_ARTICLES)
+
+
+def vqa_accuracy(prediction: str, human_answers: list) -> float:
+    """VQA accuracy of one predicted answer against the (10) human answers, in [0, 1].
+
+        acc = mean over annotators j of min(1, #{k ≠ j : answer_k = prediction} / 3)
+
+    i.e. min(1, #matches / 3) averaged over the leave-one-out subsets: 0, 0.3, 0.6, 0.9, 1 for 0, 1, 2, 3, ≥4
+    matching humans out of 10. As in the official script the prediction is fully normalized
+    (`normalize_answer`) while the human answers only lose punctuation, and only when they are not all
+    the same (the released answers are already normalized otherwise).
+    """
+    if not human_answers:
+        raise ValueError("vqa_accuracy: no human answers to score against")
+    prediction = normalize_answer(prediction)
+    humans = [a.replace("\n", " ").replace("\t", " ").strip() for a in human_answers]
+    if len(set(humans)) > 1:
+        humans = [_vqa_punctuation(a) for a in humans]
+    matches = sum(a == prediction for a in humans)
+    # leaving out a matching annotator leaves matches - 1, any other leaves matches
+    return sum(min(1.0, (matches - (a == prediction)) / 3) for a in humans) / len(humans)
 
 
 # ----------------------------------------------------------------------------------------------------------
