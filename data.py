@@ -1072,11 +1072,11 @@ _PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
 def _vqa_punctuation(text):
     """The script's processPunctuation: a mark next to a space (or any mark in a text with a digit,digit) is
     deleted, any other becomes a space; then every period not followed by a digit goes."""
-    delete = _DIGIT_COMMA_DIGIT.search(text) is not None
+    out = text  # the tests look at the text as given, the replacements at the text so far (as the script)
     for mark in _VQA_PUNCTUATION:
-        gone = delete or mark + " " in text or " " + mark in text
-        text = text.replace(mark, "" if gone else " ")
-    return _PERIOD_NOT_BEFORE_DIGIT.sub("", text)
+        gone = mark + " " in text or " " + mark in text or _DIGIT_COMMA_DIGIT.search(text) is not None
+        out = out.replace(mark, "" if gone else " ")
+    return _PERIOD_NOT_BEFORE_DIGIT.sub("", out)
 
 
 def normalize_answer(answer):
