@@ -60,8 +60,9 @@ DistributedSampler needs). And a scene's *layout* — the set of (cell, shape, c
 split by a hash (crc32 mod 10: 0 → val, 1 → test, else train); samples are redrawn until their layout (for
 nlvr2 the pair's) hashes to their split. So no val/test layout is ever seen in training, by any task.
 
-**Real-format loaders** (`load_karpathy`, `load_image_text_jsonl`, `load_vqa`, `load_nlvr2`) return Datasets
-of the same sample dicts, reading images lazily as RGB uint8. Whatever can be checked when loading is
+**Real-format loaders** (`load_karpathy`, `load_image_text_jsonl`, `load_vqa`, `load_nlvr2`, `load_image_folder`,
+`load_ade20k`) return Datasets of the same sample dicts, reading images lazily as RGB uint8. `vqa_accuracy`
+is VQA v2's official metric (answer normalization, leave-one-out over the ten annotators). Whatever can be checked when loading is
 (JSON, fields, empty text, image files exist): a bad record raises one ValueError naming the file and the
 line or identifier, or with `skip_bad=True` is dropped and counted in one warning. A file whose bytes
 cannot be decoded raises when it is read, naming the file.
@@ -943,15 +944,14 @@ def _vqa_annotations(path):
     return {a["question_id"]: a for a in listed if isinstance(a, dict) and "question_id" in a}
 
 
-def _vqa_answers(annotation, index, strict):
+def _vqa_answers(annotation, index):
     given = [_get(a, "answer") for a in _get(annotation, "answers", list)]
     if not given:
         raise _BadRecord("no annotator answers")
-    best = _get(annotation, "multiple_choice_answer")
-    if strict and best not in index:
-        raise _BadRecord(f"answer {best!r} is not in the answer vocabulary")
-    # annotator answers outside the vocabulary cannot be predicted; they just score nothing (as in VQA v2 work)
-    return {"answers": given, "scores": {index[a]: s for a, s in vqa_scores(given).items() if a in index}}
+    # targets count the annotators after the official normalization (as ViLT); answers outside the vocabulary
+    # cannot be predicted and get no target, but the question stays: evaluation scores it on `answers`
+    scores = vqa_scores(normalize_answer(a) for a in given)
+    return {"answers": given, "scores": {index[a]: s for a, s in scores.items() if a in index}}
 
 
 def load_vqa(questions_json, annotations_json, image_root, answers=None, top_k=3129,
@@ -959,13 +959,13 @@ def load_vqa(questions_json, annotations_json, image_root, answers=None, top_k=3
     """VQA v2: questions[] (question_id, image_id, question) and annotations[] (question_id, answers[].answer,
     multiple_choice_answer).
 
-    Samples {"image", "text", "question_id", "answers", "target"}; target = soft scores over `answers`.
-    `answers`: the answer vocabulary; None builds the top_k from these annotations (do that on train and
-    pass `dataset.answers` to val). With `answers` given, a question whose multiple-choice answer is not in
-    it is a bad record (for val this drops questions the classifier cannot answer: say so when reporting).
+    Samples {"image", "text", "question_id", "answers" (the humans' answers as written), "target"}; target =
+    soft scores (`vqa_scores`) over `answers`. `answers`: the answer vocabulary; None builds the top_k
+    multiple-choice answers of these annotations (do that on train and pass `dataset.answers` to val). Every
+    question is kept, also one whose human answers all lie outside the vocabulary: its target is zero and
+    `vqa_accuracy` scores whatever is predicted for it, as the official evaluation does.
     `annotations_json=None` (test-dev) gives samples without answers. Image file names follow
     `image_pattern`, formatted with image_id and subtype (the questions file's "data_subtype", e.g. train2014).
-    Answers are used as written: VQA's evaluation-time normalisation is not applied.
     """
     questions_file = _read_json(questions_json)
     questions = _top_list(questions_file, "questions", questions_json)
@@ -974,8 +974,7 @@ def load_vqa(questions_json, annotations_json, image_root, answers=None, top_k=3
     annotations = None if annotations_json is None else _vqa_annotations(annotations_json)
     if answers is None and annotations is None:
         raise ValueError("load_vqa: pass `answers` when there are no annotations to build them from")
-    strict = answers is not None
-    answers = list(answers) if strict else _top_answers(annotations.values(), top_k)
+    answers = list(answers) if answers is not None else _top_answers(annotations.values(), top_k)
     index = {a: i for i, a in enumerate(answers)}
     exists = functools.cache(_image_path)  # many questions share an image
     records = []
@@ -990,7 +989,7 @@ def load_vqa(questions_json, annotations_json, image_root, answers=None, top_k=3
                 where = f"{annotations_json} question_id {question_id}"
                 if question_id not in annotations:
                     raise _BadRecord("no annotation for this question")
-                record.update(_vqa_answers(annotations[question_id], index, strict))
+                record.update(_vqa_answers(annotations[question_id], index))
         except _BadRecord as error:
             report(where, error)
             continue
@@ -1039,6 +1038,72 @@ def load_nlvr2(jsonl_path, image_root, skip_bad=False):
         except _BadRecord as error:
             report(where, error)
     return FileDataset(report.finish(records))
+
+
+def load_image_folder(root, classes=None):
+    """ImageNet-style folders, ROOT/<class>/<image>: torchvision's ImageFolder finds the classes (sorted
+    folder names) and the image files; samples {"image", "label"}, images read lazily as for every loader.
+
+    `classes`: the training split's class names, which a validation folder must have too (same indices)."""
+    from torchvision.datasets import ImageFolder
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"{root}: no such folder (expected ROOT/train/<class>/* and ROOT/val/<class>/*)")
+    try:
+        folder = ImageFolder(root, loader=str)  # the loader is never called: read_image reads the files
+    except FileNotFoundError as error:
+        raise ValueError(f"{root}: {error}") from None
+    if classes is not None and folder.classes != list(classes):
+        missing = sorted(set(classes) ^ set(folder.classes))
+        raise ValueError(f"{root}: its class folders differ from training's ({len(folder.classes)} vs "
+                         f"{len(classes)}; first difference {missing[0]!r})" if missing else
+                         f"{root}: class folders differ from training's")
+    dataset = FileDataset([{"image": Path(path), "label": label} for path, label in folder.samples])
+    dataset.classes = folder.classes
+    return dataset
+
+
+ADE20K_CLASSES = 150  # SceneParsing: labels 1..150 are classes, 0 is "other"
+SEG_IGNORE = 255      # the target value that loss and mIoU skip (ADE20k's "other"; mmseg's reduce_zero_label)
+
+
+class SegmentationDataset(FileDataset):
+    """Image + label map pairs; a map reads as (H,W) long with label k -> class k - 1 and 0 -> SEG_IGNORE."""
+
+    def __getitem__(self, i):
+        record = self.records[i]
+        image, labels = read_image(record["image"]), read_label_map(record["mask"])
+        if tuple(labels.shape) != tuple(image.shape[1:]):
+            raise ValueError(f"{record['mask']}: label map {tuple(labels.shape)} vs image {tuple(image.shape[1:])}")
+        if labels.max() > ADE20K_CLASSES:
+            raise ValueError(f"{record['mask']}: label {int(labels.max())} > {ADE20K_CLASSES}")
+        return {"image": image, "mask": torch.where(labels == 0, SEG_IGNORE, labels - 1)}
+
+
+def read_label_map(path):
+    """A PNG of class indices (mode L or P: the index is the pixel value, not a colour) as (H,W) long."""
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "P"):
+                raise ValueError(f"mode {image.mode}, not an 8-bit index map")
+            return TF.pil_to_tensor(image)[0].long()
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ValueError(f"{path}: cannot read label map ({error})") from error
+
+
+def load_ade20k(root, split):
+    """ADE20k SceneParsing: ROOT/images/<split>/*.jpg with ROOT/annotations/<split>/*.png of the same stem
+    (split: "training" or "validation"). Samples {"image", "mask"}; 150 classes, "other" ignored."""
+    images, labels = Path(root) / "images" / split, Path(root) / "annotations" / split
+    for folder in (images, labels):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such folder (ADE20k layout: ROOT/images/{split}, "
+                                    f"ROOT/annotations/{split})")
+    report, records = _Reporter(images, False), []
+    for path in sorted(images.glob("*.jpg")):
+        if not (labels / f"{path.stem}.png").is_file():
+            report(path, f"no label map {labels / (path.stem + '.png')}")
+        records.append({"image": path, "mask": labels / f"{path.stem}.png"})
+    return SegmentationDataset(report.finish(records))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1119,7 +1184,8 @@ class Collator:
 
     Batch keys, each present when the samples carry what it comes from: `images` (B,3,H,W) float,
     `images2`, `input_ids` / `attention_mask` / `mlm_input_ids` / `mlm_labels` (B,max_len) long, `target`
-    (B,A) float, `label` (B,), `image_id` (B,), `question_id` (B,), `mask` (B,H,W) long.
+    (B,A) float, `label` (B,), `image_id` (B,), `question_id` (B,), `mask` (B,H,W) long, and in evaluation
+    batches (train=False) `answers`, a list of B lists of human answers (strings).
 
     Randomness. MLM masking keeps no state: each batch gets a fresh torch.Generator seeded from `seed`
     (None counts as 0) and a hash of the batch's token ids. So the masks are a function of the batch
@@ -1133,7 +1199,7 @@ class Collator:
     def __init__(self, tokenizer, max_len=40, mlm_prob=0.15, image_size=None, train=False, randaugment=True,
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), seed=None):
         self.tokenizer, self.max_len, self.mlm_prob = tokenizer, max_len, mlm_prob
-        self.image_size, self.seed = image_size, seed
+        self.image_size, self.seed, self.train = image_size, seed, train
         self.augment = v2.RandAugment() if train and randaugment else None
         self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
         self.special_ids = torch.tensor(sorted(tokenizer.special_ids))
@@ -1157,6 +1223,8 @@ class Collator:
                 batch[key] = torch.stack([torch.as_tensor(s[key], dtype=dtype) for s in samples])
         if "mask" in keys:
             batch["mask"] = torch.stack([self._resize_mask(s["mask"]) for s in samples])
+        if "answers" in keys and not self.train:  # the humans' answers, as written: what VQA accuracy scores
+            batch["answers"] = [list(s["answers"]) for s in samples]
         return batch
 
     def images(self, images, augment=True):
