@@ -610,15 +610,13 @@ def test_vqa_loader_builds_top_answers_and_soft_targets(tmp_path):
     ds = data.load_vqa(questions, annotations, tmp_path, top_k=2, image_pattern=pattern)
     assert ds.answers == ["red", "2"]  # by frequency of the multiple-choice answer
     assert ds[0]["target"].tolist() == [1.0, 0.0]  # "blue" (2 of 10) is outside the top 2: it scores nothing
-    assert ds[2]["target"].tolist() == pytest.approx([2 / 3, 0.0])  # 2 annotators said "red": min(1, 2/3)
+    assert ds[2]["target"].tolist() == pytest.approx([0.6, 0.0])  # 2 annotators said "red": ViLT's 0.6
     assert ds[1]["question_id"] == 11 and ds[1]["image"].eq(2).all() and len(ds[1]["answers"]) == 10
-    with pytest.raises(ValueError, match=r"a.json question_id 11: answer '2' is not in the answer vocabulary"):
-        data.load_vqa(questions, annotations, tmp_path, answers=["red", "blue"], image_pattern=pattern)
-    with pytest.warns(UserWarning, match="skipped 1 bad record"):
-        kept = data.load_vqa(questions, annotations, tmp_path, answers=["red", "blue"], image_pattern=pattern,
-                             skip_bad=True)
-    assert [kept[i]["question_id"] for i in range(len(kept))] == [10, 12]
-    assert kept[0]["target"].tolist() == pytest.approx([1.0, 2 / 3])
+    # with a given vocabulary every question stays, also one whose answer lies outside it (target all zero)
+    val = data.load_vqa(questions, annotations, tmp_path, answers=["red", "blue"], image_pattern=pattern)
+    assert [val[i]["question_id"] for i in range(len(val))] == [10, 11, 12]
+    assert val[1]["target"].tolist() == [0.0, 0.0] and val[1]["answers"] == ["2"] * 9 + ["3"]
+    assert val[0]["target"].tolist() == pytest.approx([1.0, 0.6])
     test_dev = data.load_vqa(questions, None, tmp_path, answers=ds.answers, image_pattern=pattern)
     assert "target" not in test_dev[0] and test_dev[0]["text"] == "what color?"
     with pytest.raises(ValueError, match=r"q.json question_id 10: image file .*COCO_train2014_000000000001.jpg"):
