@@ -402,10 +402,10 @@ def transfer_weights(model: VLTransformer, source: dict, source_variant=None) ->
 # ----------------------------------------------------------------------------------------------
 # Data: the synthetic world by default, real-format files when given.
 
-def make_data(args, task: str, answers=None):
+def make_data(args, task: str, answers=None, evaluation=True):
     """(train dataset, eval dataset, tokenizer, task sizes) for `task`: the synthetic world, or real-format
     files (REAL_DATA). With --eval-only the training data is not read (train dataset None); `answers` is then
-    the VQA answer vocabulary, from the checkpoint."""
+    the VQA answer vocabulary, from the checkpoint. evaluation=False: no evaluation data is read (None)."""
     if args.data == "synthetic" and not (args.eval_only and args.eval_data):
         world = data.SyntheticWorld(seed=args.world_seed, image_size=args.image_size)
         eval_task = "retrieval" if task == "pretrain" else task
@@ -420,8 +420,8 @@ def make_data(args, task: str, answers=None):
     tokenizer = data.Tokenizer.from_vocab_file(args.vocab) if args.vocab else None
     load_train, load_eval = REAL_DATA[task]
     train = None if args.eval_only else load_train(args)
-    evalset = load_eval(args, train, answers)
-    if evalset is None and not args.eval_only:
+    evalset = load_eval(args, train, answers) if evaluation else None
+    if evalset is None and evaluation and not args.eval_only:
         print(f"warning: no evaluation data for --task {task} (--eval-data): this run writes no metrics.json",
               file=sys.stderr)
     some = train if train is not None else evalset

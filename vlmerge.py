@@ -60,7 +60,7 @@ class Preset:
     alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     lams: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     gammas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
-    gram_batches: int = 8
+    gram_samples: int = 512        # RegMean: pre-training samples whose linear-layer inputs make the Grams
     finetune: dict = dataclasses.field(default_factory=lambda: {"vqa": 1000, "retrieval": 1000})
     finetune_lr: float = 1e-4
     finetune_seeds: int = 1        # >1: the spread of one number over fine-tuning seeds
@@ -73,7 +73,7 @@ class Preset:
 PRESETS = {
     # every stage, a few steps each: the test suite runs this (101 s on 2 CPU cores)
     "smoke": Preset(depth=2, fusion_layers=1, image_size=32, patch_size=8, max_len=24, batch_size=16, lr=1e-3,
-                    precision="fp32", init_steps=4, pretrain_steps=6, seed_fracs=(0.5,), gram_batches=2,
+                    precision="fp32", init_steps=4, pretrain_steps=6, seed_fracs=(0.5,), gram_samples=32,
                     alphas=(0.0, 0.5, 1.0), lams=(0.5, 1.0), gammas=(0.5, 1.0),
                     finetune={"vqa": 3, "retrieval": 3, "nlvr2": 2, "cls": 2, "seg": 2}, finetune_lr=1e-3,
                     finetune_seeds=2, finetune_sweeps=True),
@@ -82,10 +82,10 @@ PRESETS = {
     # scale (README, "Departures"); the smoke preset still runs stage 0
     "tiny": Preset(depth=4, fusion_layers=2, image_size=32, patch_size=8, max_len=24, batch_size=64, lr=5e-4,
                    precision="bf16", init_steps=0, pretrain_steps=300, seed_fracs=(0.25, 0.5, 0.75),
-                   gram_batches=8, finetune={"vqa": 150, "retrieval": 100}, finetune_lr=5e-4,
+                   gram_samples=512, finetune={"vqa": 150, "retrieval": 100}, finetune_lr=5e-4,
                    finetune_seeds=3, finetune_sweeps=False, ablation=False),
     # Sec. 5 / Table 6: ViT-B/16 at 224 px, batch 1024, 200k steps; real data; GPUs via torchrun
-    "paper": Preset(arch="vit_base", init_steps=None, gram_batches=64,
+    "paper": Preset(arch="vit_base", init_steps=None, gram_samples=65_536,
                     finetune={"vqa": 20_000, "retrieval": 20_000, "nlvr2": 10_000, "cls": 50_000, "seg": 40_000},
                     finetune_lr=3e-5, finetune_seeds=1, ablation=True),
 }
@@ -107,6 +107,7 @@ PAPER = {
                "cosine": [0.371, 0.264, 0.163, 0.098, 0.938], "ssd": [0.198, 0.161, 0.125, 0.104, 0.939],
                "tssd": [0.066, 0.037, 0.015, 0.006, 0.971], "drop": [9.16, 4.50, 2.80, 2.60]},
 }
+GRAM_BATCH = 64  # samples per forward while collecting Grams (memory only: the Grams are sums over samples)
 METRICS = {"l2": merge.l2_distance, "cosine": merge.cosine_dissimilarity, "ssd": merge.ssd, "tssd": merge.tssd}
 
 
@@ -144,36 +145,71 @@ def modality_forward(model, batch):
     model.fuse(image_lower, text_lower, mask)
 
 
-def gram_batches(checkpoint, n_batches, batch_size, world_seed=0):
-    """n pre-training batches of the synthetic world (no augmentation, no masking needed)."""
+# train.py's flags that name the pre-training data; a checkpoint written by train.py keeps their values
+DATA_FLAGS = ("data", "image_root", "vocab", "world_seed")
+
+
+def data_flags(values: dict) -> list:
+    """train.py's data flags from a dict of their values (a checkpoint's saved args, or a command's)."""
+    return [x for key in DATA_FLAGS if values.get(key) is not None
+            for x in (f"--{key.replace('_', '-')}", str(values[key]))]
+
+
+def gram_batches(checkpoint, samples, batch_size, flags=None):
+    """RegMean's inputs: `samples` pre-training samples (a fixed shuffle, no augmentation) of the data that
+    `flags` name (train.py's --data / --image-root / --vocab; default: the checkpoint's own, from its
+    saved args; none at all: the synthetic world), tokenized by that data's tokenizer at the checkpoint's
+    shapes. Returns a list of collated batches (on the CPU)."""
+    if "config" not in checkpoint:
+        raise ValueError("--method regmean needs a vlmerge checkpoint (with 'config') to collect Gram matrices")
     cfg = checkpoint["config"]
-    world = data.SyntheticWorld(seed=world_seed, image_size=cfg["image_size"])
-    collate = data.Collator(world.tokenizer(), max_len=cfg["max_text_len"], image_size=cfg["image_size"])
-    loader = torch.utils.data.DataLoader(world.dataset("pretrain", "train"), batch_size, shuffle=False,
-                                         collate_fn=collate)
-    return [batch for _, batch in zip(range(n_batches), loader)]
+    flags = list(flags) if flags else data_flags(checkpoint.get("args") or {})  # the checkpoint's own data
+    args = train.parse_args(flags + ["--image-size", str(cfg["image_size"]), "--max-len", str(cfg["max_text_len"])])
+    dataset, _, tokenizer, _ = train.make_data(args, "pretrain", evaluation=False)
+    if len(tokenizer) != cfg["vocab_size"]:  # another tokenizer's ids would index the wrong words
+        source = f"--vocab {args.vocab}" if args.vocab else "the synthetic world's tokenizer"
+        raise ValueError(f"RegMean's data: {source} has {len(tokenizer)} tokens, the checkpoint's word embedding "
+                         f"{cfg['vocab_size']}: give the --data / --vocab it was pre-trained with")
+    collate = data.Collator(tokenizer, max_len=cfg["max_text_len"], image_size=cfg["image_size"])
+    subset = torch.utils.data.Subset(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+                                     [:samples].tolist())
+    return list(torch.utils.data.DataLoader(subset, batch_size, shuffle=False, collate_fn=collate))
 
 
-def merge_checkpoint(checkpoint, method, init=None, batches=None, **options) -> dict:
+def checkpoint_grams(checkpoint, batches, device="cpu") -> dict:
+    """RegMean's Gram matrices of a vlmerge checkpoint's linear layers on `batches`, collected on `device`
+    (returned on the CPU, where the merge runs)."""
+    model = train.model_from_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["model"], strict=True)
+    model.to(device)
+    on_device = (train.to_device(batch, device) for batch in batches)
+    grams = merge.collect_grams(model, on_device, forward=modality_forward)
+    return {k: g.cpu() for k, g in grams.items()}
+
+
+def merge_checkpoint(checkpoint, method, init=None, grams=None, **options) -> dict:
     """A maa checkpoint merged from an msa-family one. `init` (a checkpoint) gives W_0 for the
-    methods that subtract it; `batches` feed RegMean's Gram matrices."""
+    methods that subtract it; `grams` (checkpoint_grams) are RegMean's."""
     state = checkpoint["model"]
     if method in ("modality_arithmetic", "ties", "dare"):
         if init is None:
             raise ValueError(f"--method {method} needs --init-state (the seed / initial maa checkpoint: W_0)")
         options["init_state"] = init["model"]
     if method == "regmean":
-        if "config" not in checkpoint:
-            raise ValueError("--method regmean needs a vlmerge checkpoint (with 'config') to collect Gram matrices")
-        model = train.model_from_checkpoint(checkpoint)
-        model.load_state_dict(state, strict=True)
-        options["grams"] = merge.collect_grams(model, batches, forward=modality_forward)
+        if grams is None:
+            raise ValueError("--method regmean needs Gram matrices (checkpoint_grams)")
+        options["grams"] = grams
     merged = merge.merge_modalities(state, method, **options)
     out = {k: v for k, v in checkpoint.items() if k in ("arch", "task", "step")}
     if "config" in checkpoint:
         out["config"] = {**checkpoint["config"], "variant": "maa"}
     shown = {k: v for k, v in options.items() if isinstance(v, (int, float))}
     return out | {"model": merged, "variant": "maa", "merge": {"method": method, **shown}}
+
+
+def default_device():
+    """The device a run trains on: this process's GPU, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,6 +222,7 @@ class Recipe:
         self.p, self.out, self.init, self.dry_run = preset, out, init, dry_run
         self.plan = []  # the train.py command lines, for --dry-run and the report
         self.models = {}  # name -> {"ckpt": path, "variant": str, "zero_shot": {...}, task: {...}}
+        self.gram_cache = {}  # model name -> RegMean's Gram matrices
         os.makedirs(out, exist_ok=True)
 
     # -- running one stage ------------------------------------------------------------------------
@@ -282,11 +319,19 @@ class Recipe:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             checkpoint = train.load_checkpoint(self.ckpt(source))
             init = train.load_checkpoint(self.models[init_name]["ckpt"]) if init_name else None
-            batches = gram_batches(checkpoint, self.p.gram_batches, self.p.batch_size) if method == "regmean" else None
-            train.save_checkpoint(path, merge_checkpoint(checkpoint, method, init, batches, **{option: value}))
+            grams = self.grams(source, checkpoint) if method == "regmean" else None
+            train.save_checkpoint(path, merge_checkpoint(checkpoint, method, init, grams, **{option: value}))
         zero_shot = self.stage(f"zero_shot/{name}", self.flags() + ["--variant", "maa", "--eval-only", "--init", path])
         self.models[name] = {"ckpt": path, "variant": "maa", "zero_shot": zero_shot}
         return name
+
+    def grams(self, source, checkpoint):
+        """RegMean's Gram matrices of `source`, collected once (they do not depend on γ) on the run's device
+        from the pre-training data of the preset (its data config), with that data's tokenizer."""
+        if source not in self.gram_cache:
+            batches = gram_batches(checkpoint, self.p.gram_samples, GRAM_BATCH, self.p.data.get("pretrain"))
+            self.gram_cache[source] = checkpoint_grams(checkpoint, batches, default_device())
+        return self.gram_cache[source]
 
     def init_state_name(self, source):
         """W_0 of modality arithmetic: the seed checkpoint that started `source` (Sec. 4.1)."""
@@ -898,12 +943,11 @@ def cmd_merge(args):
                "regmean": {"gamma": args.gamma}, "ties": {"density": args.density, "lam": args.lam},
                "dare": {"p": args.p, "lam": args.lam, "seed": args.seed}}[args.method]
     init = train.load_checkpoint(args.init_state) if args.init_state else None
-    batches = None
+    grams = None
     if args.method == "regmean":
-        if "config" not in checkpoint:
-            raise ValueError("--method regmean needs a vlmerge checkpoint (with 'config') to collect Gram matrices")
-        batches = gram_batches(checkpoint, args.gram_batches, args.batch_size)
-    merged = merge_checkpoint(checkpoint, args.method, init, batches, **options)
+        batches = gram_batches(checkpoint, args.gram_samples, args.batch_size, data_flags(vars(args)))
+        grams = checkpoint_grams(checkpoint, batches, args.device)
+    merged = merge_checkpoint(checkpoint, args.method, init, grams, **options)
     train.save_checkpoint(args.output, merged)
     print(f"merged {args.ckpt} by {args.method} {options} -> {args.output}")
 
@@ -957,8 +1001,13 @@ def build_parser():
     p.add_argument("--p", type=float, default=0.9, help="dare: drop probability")
     p.add_argument("--seed", type=int, default=0, help="dare: random seed")
     p.add_argument("--init-state", default=None, help="W_0: the seed maa checkpoint (arithmetic / ties / dare)")
-    p.add_argument("--gram-batches", type=int, default=8, help="RegMean: synthetic pre-training batches")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--gram-samples", type=int, default=512, help="RegMean: pre-training samples for the Grams")
+    p.add_argument("--batch-size", type=int, default=GRAM_BATCH, help="RegMean: samples per forward")
+    # RegMean's data: train.py's data flags; by default the checkpoint's own (saved in it by train.py)
+    p.add_argument("--data", default=None, help="RegMean: pre-training data ('synthetic', .jsonl, Karpathy .json)")
+    p.add_argument("--image-root", default=None, help="RegMean: folder of --data's images")
+    p.add_argument("--vocab", default=None, help="RegMean: the BERT vocab.txt the checkpoint was trained with")
+    p.add_argument("--device", default=str(default_device()), help="RegMean: where the Grams are collected")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_merge)
 

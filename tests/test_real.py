@@ -295,3 +295,42 @@ def test_seg_loss_ignores_other_pixels():
     mask = torch.tensor([[[0, data.SEG_IGNORE], [2, data.SEG_IGNORE]]])
     by_hand = -(logits.log_softmax(1)[0, 0, 0, 0] + logits.log_softmax(1)[0, 2, 1, 0]) / 2
     assert train.seg_loss(logits, mask).item() == pytest.approx(by_hand.item(), rel=1e-6)
+
+
+# --- RegMean's Gram matrices come from the checkpoint's own data and tokenizer -----------------------------
+
+def test_regmean_grams_feed_the_real_tokenizers_ids_of_the_checkpoints_own_data(tmp_path, monkeypatch):
+    vocab_path = vocab(tmp_path)
+    captions = ["a cat", "one dog", "two cow", "the cat"]
+    for k, caption in enumerate(captions):
+        jpeg(tmp_path / "cc" / f"{k}.jpg", (DARK, MID, BRIGHT, MID)[k])
+    (tmp_path / "cc.jsonl").write_text("\n".join(json.dumps({"image": f"{k}.jpg", "caption": c})
+                                                 for k, c in enumerate(captions)))
+    flags = ["--data", str(tmp_path / "cc.jsonl"), "--image-root", str(tmp_path / "cc"), "--vocab", vocab_path]
+    out = str(tmp_path / "msa")
+    train.run(FLAGS + flags + ["--variant", "msa", "--out", out])  # no --eval-data: no score (a warning)
+    ckpt = os.path.join(out, "ckpt.pt")
+    checkpoint = train.load_checkpoint(ckpt)
+    assert checkpoint["config"]["vocab_size"] == 6 + len(WORDS)  # BERT's layout, this vocab.txt
+
+    fed = []
+    real_collect = vlmerge.merge.collect_grams
+
+    def collect(model, batches, **kwargs):  # what the hooked forwards are fed
+        batches = list(batches)
+        fed.extend(ids for batch in batches for ids in batch["input_ids"].tolist())
+        return real_collect(model, batches, **kwargs)
+    monkeypatch.setattr(vlmerge.merge, "collect_grams", collect)
+    tokenizer = data.Tokenizer.from_vocab_file(vocab_path)
+    expected = sorted(tokenizer.encode(c, checkpoint["config"]["max_text_len"])[0].tolist() for c in captions)
+    # the merge command with the data flags, and without: the checkpoint's own (its saved args) -- the same ids
+    for extra in (flags, []):
+        fed.clear()
+        vlmerge.main(["merge", ckpt, "--method", "regmean", "--gamma", "0.5", "--gram-samples", "4", *extra,
+                      "-o", str(tmp_path / "merged.pt")])
+        assert sorted(fed) == expected
+    assert train.load_checkpoint(str(tmp_path / "merged.pt"))["merge"] == {"method": "regmean", "gamma": 0.5}
+    # the synthetic world's tokenizer cannot feed this checkpoint: one clear error, no silent wrong ids
+    with pytest.raises(ValueError, match=r"synthetic world's tokenizer has \d+ tokens, the checkpoint's word "
+                                         rf"embedding {6 + len(WORDS)}"):
+        vlmerge.gram_batches(checkpoint, 4, 4, ["--data", "synthetic"])
