@@ -370,8 +370,10 @@ def transfer_weights(model: VLTransformer, source: dict, source_variant=None) ->
     expanded into every expert (the seed hand-over), or a timm ViT. Heads the source lacks stay as
     built; heads the target lacks are dropped; anything else missing or extra is an error naming
     the key. Returns the keys that were left freshly initialized."""
-    from model import strip_prefixes
+    from model import resize_pos_embed, strip_prefixes
     source = strip_prefixes(source)
+    if "pos_embed" in source:  # fine-tuning at another image size (Table 6: 384 / 480 px) resamples the grid
+        source["pos_embed"] = resize_pos_embed(source["pos_embed"], model.cfg.num_patches)
     if "word_embed.weight" not in source:  # a plain image ViT (timm / BEiT converted)
         load_vit_weights(model, source)
         return [k for k in model.state_dict() if k.split(".")[0] not in
@@ -472,6 +474,15 @@ def vqa_eval(args, train, answers):
         raise ValueError(f"--eval-data {args.eval_data} without --eval-annotations has nothing to score: give "
                          "--eval-annotations, or --predictions FILE for the submission (test-dev)")
     return data.load_vqa(args.eval_data, args.eval_annotations, eval_root(args), answers=answers)
+
+
+def names_evaluation(args) -> bool:
+    """Whether the flags name evaluation data for args.task (real data), i.e. whether the run will score."""
+    if args.task in ("cls", "seg"):  # ROOT/val, ROOT/images/validation
+        return True
+    if args.task in ("pretrain", "retrieval") and args.data.endswith(".json"):  # its own Karpathy eval split
+        return True
+    return bool(args.eval_data) and (args.task != "vqa" or bool(args.eval_annotations))
 
 
 REAL_DATA = {

@@ -61,6 +61,7 @@ class Preset:
     lams: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     gammas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     gram_samples: int = 512        # RegMean: pre-training samples whose linear-layer inputs make the Grams
+    # task -> fine-tuning steps (at batch_size, finetune_lr), or None: train.py --paper's Table 6 schedule
     finetune: dict = dataclasses.field(default_factory=lambda: {"vqa": 1000, "retrieval": 1000})
     finetune_lr: float = 1e-4
     finetune_seeds: int = 1        # >1: the spread of one number over fine-tuning seeds
@@ -86,8 +87,8 @@ PRESETS = {
                    finetune_seeds=3, finetune_sweeps=False, ablation=False),
     # Sec. 5 / Table 6: ViT-B/16 at 224 px, batch 1024, 200k steps; real data; GPUs via torchrun
     "paper": Preset(arch="vit_base", init_steps=None, gram_samples=65_536,
-                    finetune={"vqa": 20_000, "retrieval": 20_000, "nlvr2": 10_000, "cls": 50_000, "seg": 40_000},
-                    finetune_lr=3e-5, finetune_seeds=1, ablation=True),
+                    finetune=dict.fromkeys(("vqa", "retrieval", "nlvr2", "cls", "seg")),  # Table 6, per task
+                    finetune_seeds=1, ablation=True),
 }
 
 # The paper's numbers, beside which ours are reported (Tables 1, 2, 3, 5).
@@ -226,10 +227,13 @@ class Recipe:
         os.makedirs(out, exist_ok=True)
 
     # -- running one stage ------------------------------------------------------------------------
-    def flags(self, task="pretrain"):
+    def flags(self, task="pretrain", image_size=True):
+        """The shape and data flags of a stage; image_size=False leaves the size to train.py's profile
+        (Table 6 fine-tunes at 384 / 480 px: the position embedding is resized on loading)."""
         p = self.p
-        return ["--arch", p.arch, "--depth", str(p.depth), "--fusion-layers", str(p.fusion_layers),
-                "--image-size", str(p.image_size), "--patch-size", str(p.patch_size), "--max-len", str(p.max_len),
+        size = ["--image-size", str(p.image_size)] if image_size else []
+        return ["--arch", p.arch, "--depth", str(p.depth), "--fusion-layers", str(p.fusion_layers), *size,
+                "--patch-size", str(p.patch_size), "--max-len", str(p.max_len),
                 "--precision", p.precision, "--eval-split", p.eval_split, "--quiet", *p.data.get(task, [])]
 
     def stage(self, name, argv) -> dict:
@@ -343,11 +347,13 @@ class Recipe:
         model = self.models[name]
         steps = self.p.finetune[task]
         suffix = f"_s{seed}" if seed else ""
-        metrics = self.stage(f"finetune/{task}/{name}{suffix}",
-                             self.flags(task) + ["--task", task, "--variant", model["variant"], "--init", model["ckpt"],
-                                                 "--steps", str(steps), "--batch-size", self.batch(),
-                                                 "--lr", str(self.p.finetune_lr), "--warmup", str(steps // 10),
-                                                 "--seed", str(seed)])
+        common = ["--task", task, "--variant", model["variant"], "--init", model["ckpt"], "--seed", str(seed)]
+        if steps is None:  # train.py --paper: Table 6's image size, lr, global batch and epochs for this task
+            argv = self.flags(task, image_size=False) + common + ["--paper"]
+        else:
+            argv = self.flags(task) + common + ["--steps", str(steps), "--batch-size", self.batch(),
+                                                "--lr", str(self.p.finetune_lr), "--warmup", str(steps // 10)]
+        metrics = self.stage(f"finetune/{task}/{name}{suffix}", argv)
         model.setdefault("finetune", {}).setdefault(task, []).append(metrics)
         return metrics
 
@@ -418,7 +424,7 @@ class Recipe:
 
 def build_only(argv):
     """--dry-run: check a stage's flags and build its model (on the meta device: no memory)."""
-    args = train.build_parser().parse_args(argv)
+    args = train.resolve_defaults(train.build_parser().parse_args(argv))  # not parse_args: no file is read
     with torch.device("meta"):
         train.model_from_args(args, vocab_size=30522)
 
@@ -629,13 +635,29 @@ def plot_sweeps(r, path):
     return True
 
 
+def read_data_config(path, preset) -> dict:
+    """--data-config: {task: [train.py data flags]} for pre-training and every task the preset fine-tunes
+    (and "cls" when it has a stage 0). Each entry must name evaluation data, so that no stage is left
+    without a score; a missing or score-less entry is one error naming the task."""
+    config = data._read_json(path)  # a malformed file: one error naming its line
+    tasks = ["pretrain", *preset.finetune] + (["cls"] if preset.init_steps else [])
+    for task in dict.fromkeys(tasks):
+        flags = config.get(task) if isinstance(config, dict) else None
+        if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+            raise ValueError(f"--data-config {path}: {task!r} needs a list of train.py flags (the preset runs "
+                             f"{', '.join(dict.fromkeys(tasks))})")
+        if not train.names_evaluation(train.parse_args(["--task", task, *flags])):
+            raise ValueError(f"--data-config {path}: {task!r} names no evaluation data (--eval-data"
+                             f"{', --eval-annotations' if task == 'vqa' else ''}): its stages would have no score")
+    return config
+
+
 def run_recipe(args) -> dict:
     preset = PRESETS[args.preset]
     if args.ablation:
         preset = dataclasses.replace(preset, ablation=True)
     if args.data_config:
-        with open(args.data_config) as f:
-            preset = dataclasses.replace(preset, data=json.load(f))
+        preset = dataclasses.replace(preset, data=read_data_config(args.data_config, preset))
     out = args.out or os.path.join("runs", f"recipe_{args.preset}")
     recipe = Recipe(preset, out, init=args.init, dry_run=args.dry_run)
     start = time.time()

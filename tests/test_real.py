@@ -334,3 +334,110 @@ def test_regmean_grams_feed_the_real_tokenizers_ids_of_the_checkpoints_own_data(
     with pytest.raises(ValueError, match=r"synthetic world's tokenizer has \d+ tokens, the checkpoint's word "
                                          rf"embedding {6 + len(WORDS)}"):
         vlmerge.gram_batches(checkpoint, 4, 4, ["--data", "synthetic"])
+
+
+# --- the recipe on real files: --data-config -------------------------------------------------------------
+
+def real_world(tmp_path, n=16):
+    """Fixture files for every task of the recipe, n training samples each (the smoke preset's batch), and the
+    data.json that names them (the README's format)."""
+    vocab_path, coco = vocab(tmp_path), karpathy(tmp_path)
+    values = (DARK, MID, BRIGHT)
+    lines = []
+    for k in range(n):
+        jpeg(tmp_path / "cc" / f"{k}.jpg", values[k % 3], size=(16, 16))
+        lines.append({"image": f"{k}.jpg", "caption": ["a cat", "one dog", "the cow"][k % 3]})
+    (tmp_path / "cc.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    spec = json.loads(open(coco).read())  # more Karpathy training images, so that retrieval has n captions
+    spec["images"] += [{"filepath": "val2014", "filename": "d.jpg", "split": "train",
+                        "sentences": [{"raw": "two dog"}]} for _ in range(n)]
+    open(coco, "w").write(json.dumps(spec))
+    files = vqa_files(tmp_path)
+    questions, annotations = json.load(open(files["q_train"])), json.load(open(files["a_train"]))
+    questions["questions"] *= n // 4
+    annotations["annotations"] *= n // 4
+    json.dump(questions, open(files["q_train"], "w"))
+    json.dump(annotations, open(files["a_train"], "w"))
+    for split, count in (("train", n), ("dev", 4)):
+        rows = []
+        for k in range(count):
+            for side in (0, 1):
+                jpeg(tmp_path / "nlvr2" / f"{split}-{k}-0-img{side}.png", values[(k + side) % 3], size=(16, 16))
+            rows.append({"identifier": f"{split}-{k}-0-0", "sentence": "the left cat", "label": str(k % 2 == 0)})
+        (tmp_path / f"nlvr2_{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    for split, count in (("train", n // 2), ("val", 2)):
+        for name, value in (("cat", DARK), ("dog", BRIGHT)):
+            for k in range(count):
+                jpeg(tmp_path / "imagenet" / split / name / f"{k}.JPEG", value, size=(16, 16))
+    for split, count in (("training", n), ("validation", 2)):
+        for k in range(count):
+            jpeg(tmp_path / "ade" / "images" / split / f"ADE_{k}.jpg", MID, size=(32, 32))
+            ade_label_map(tmp_path / "ade" / "annotations" / split / f"ADE_{k}.png")
+    v = ["--vocab", vocab_path]
+    config = {
+        "pretrain": ["--data", str(tmp_path / "cc.jsonl"), "--image-root", str(tmp_path / "cc"), *v,
+                     "--eval-data", coco, "--eval-image-root", str(tmp_path / "coco")],
+        "retrieval": ["--data", coco, "--image-root", str(tmp_path / "coco"), *v],
+        "vqa": ["--data", files["q_train"], "--annotations", files["a_train"], "--image-root",
+                str(tmp_path / "train2014"), "--eval-data", files["q_val"], "--eval-annotations", files["a_val"],
+                "--eval-image-root", str(tmp_path / "val2014"), *v],
+        "nlvr2": ["--data", str(tmp_path / "nlvr2_train.jsonl"), "--eval-data", str(tmp_path / "nlvr2_dev.jsonl"),
+                  "--image-root", str(tmp_path / "nlvr2"), *v],
+        "cls": ["--data", str(tmp_path / "imagenet")],
+        "seg": ["--data", str(tmp_path / "ade")],
+    }
+    (tmp_path / "data.json").write_text(json.dumps(config, indent=1))
+    return str(tmp_path / "data.json"), config
+
+
+def test_data_config_reaches_every_stage_and_a_scoreless_entry_is_refused(tmp_path):
+    path, config = real_world(tmp_path)
+    plan = vlmerge.main(["recipe", "--preset", "smoke", "--data-config", path, "--dry-run",
+                         "--out", str(tmp_path / "r")])["plan"]
+    trains = [line for line in plan if line.startswith("python train.py")]
+    for task, flags in config.items():
+        stages = [line for line in trains if (f"--task {task} " in line) or (task == "pretrain" and "--task" not in line)]
+        assert stages and all(" ".join(flags) in line for line in stages), task
+    # the paper preset fine-tunes with train.py --paper (Table 6 per task), at the profile's image size
+    paper = vlmerge.main(["recipe", "--preset", "paper", "--init", "beit.pt", "--data-config", path, "--dry-run",
+                          "--out", str(tmp_path / "p")])["plan"]
+    finetunes = [line for line in paper if "--task vqa" in line]
+    assert finetunes and all("--paper" in line and "--steps" not in line and "--image-size" not in line
+                             for line in finetunes)
+    at = config["nlvr2"].index("--eval-data")
+    del config["nlvr2"][at:at + 2]
+    (tmp_path / "bad.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"bad.json: 'nlvr2' names no evaluation data \(--eval-data\)"):
+        vlmerge.read_data_config(str(tmp_path / "bad.json"), vlmerge.PRESETS["smoke"])
+    config = json.load(open(path))
+    del config["seg"]
+    (tmp_path / "bad.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"bad.json: 'seg' needs a list of train.py flags"):
+        vlmerge.read_data_config(str(tmp_path / "bad.json"), vlmerge.PRESETS["smoke"])
+
+
+def test_finetuning_at_another_image_size_resamples_the_position_embedding(tmp_path):
+    pretrained = str(tmp_path / "pt")
+    train.run(FLAGS + ["--out", pretrained, "--steps", "1"])
+    out = str(tmp_path / "big")
+    train.run(FLAGS + ["--task", "cls", "--image-size", "48", "--init", os.path.join(pretrained, "ckpt.pt"),
+                       "--out", out])
+    assert train.load_checkpoint(os.path.join(out, "ckpt.pt"))["model"]["pos_embed"].shape[1] == 1 + 6 * 6
+
+
+@pytest.mark.slow
+def test_smoke_recipe_on_real_files_scores_every_table_cell(tmp_path):
+    path, _ = real_world(tmp_path)
+    out = str(tmp_path / "recipe")
+    vlmerge.main(["recipe", "--preset", "smoke", "--data-config", path, "--out", out])
+    report = open(os.path.join(out, "REPORT.md")).read()
+
+    def our_cells(title, columns):
+        section = report.split(title)[1].split("\n## ")[0]
+        rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ")][1:]
+        return [row[c].strip() for row in rows for c in columns]
+    table1 = our_cells("## Table 1", range(1, 5))   # VQA, TR avg, IR avg, zero-shot R avg
+    table3 = our_cells("## Table 3", range(1, 4))   # NLVR2 acc, cls top-1, seg mIoU
+    assert len(table1) == 16 and len(table3) == 12
+    for cell in table1 + table3:
+        assert float(cell) >= 0, (cell, report)
