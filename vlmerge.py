@@ -3,7 +3,7 @@
     python vlmerge.py recipe --preset tiny            # pre-train, merge, fine-tune, evaluate, REPORT.md
     python vlmerge.py merge CKPT --method interpolation --alpha 0.75 -o merged.pt
     python vlmerge.py distance CKPT [CKPT2]           # L2, cosine, SSD, TSSD (Sec. 7)
-    python vlmerge.py eval CKPT --task vqa
+    python vlmerge.py eval CKPT --task vqa            # + --eval-data / --eval-annotations: real files
     python vlmerge.py bench --quick                   # speed and memory vs references
 
 The recipe (`recipe`), stage by stage -- each stage is an ordinary train.py run or a merge, its
@@ -996,6 +996,9 @@ def cmd_eval(args):
             "--image-size", str(cfg["image_size"]), "--patch-size", str(cfg["patch_size"]),
             "--max-len", str(cfg["max_text_len"]), "--eval-only", "--init", args.ckpt,
             "--eval-split", args.split, "--out", args.out, *args.train_args]
+    saved_vocab = (checkpoint.get("args") or {}).get("vocab")
+    if saved_vocab and "--vocab" not in args.train_args:  # real data: the checkpoint's own tokenizer by default
+        argv += ["--vocab", saved_vocab]
     return train.run(argv)
 
 
@@ -1044,7 +1047,10 @@ def build_parser():
     p.add_argument("--task", default=None, choices=train.TASKS)
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--out", default="runs/eval")
-    p.add_argument("train_args", nargs=argparse.REMAINDER, help="further train.py flags (e.g. --data ...)")
+    p.add_argument("train_args", nargs=argparse.REMAINDER,
+                   help="further train.py flags: real data is --eval-data (+ --eval-annotations for VQA, "
+                        "--eval-image-root, --predictions FILE), or --data ROOT for cls / seg; --vocab defaults "
+                        "to the one the checkpoint was trained with")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="speed and memory against references in the same process")
