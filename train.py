@@ -18,6 +18,11 @@ Fine-tuning: --task vqa|retrieval|nlvr2|cls|seg from a pre-trained (or merged) c
 parameters the task's route uses are trained, so on vision tasks an msa model fine-tunes just its vision
 encoder (Sec. 6.5). A run writes runs/<name>/{args.json, log.jsonl, ckpt.pt, metrics.json}.
 
+Evaluation uses the metric each community reports (Sec. 5): TR/IR R@1/5/10, the official VQA accuracy
+(data.vqa_accuracy, every question), NLVR2 and top-1 accuracy, mIoU. Data is the synthetic world or real
+files (REAL_DATA: --data for training, --eval-data for scoring); --eval-only scores a checkpoint and refuses
+one that lacks the task's head.
+
 Every loss is a method of `Objective`, an nn.Module, so that DDP sees the whole computation in forward.
 """
 import argparse
