@@ -44,7 +44,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import data
-from model import ARCHS, TASKS, VARIANTS, ModelConfig, VLTransformer, build_model, load_vit_weights, shared_key
+from model import (ARCHS, TASKS, VARIANTS, ModelConfig, VLTransformer, build_model, is_backbone_key, is_head_key,
+                   load_vit_weights, resize_pos_embed, shared_key, strip_prefixes)
 
 # ----------------------------------------------------------------------------------------------
 # Losses.
@@ -128,23 +129,20 @@ class Objective(nn.Module):
 
     def pretrain(self, batch):
         m, mask = self.model, batch["attention_mask"]
-        text_mask = mask.bool()
-        # The lower N-M layers are shared by both routes: compute them once (Fig. 2b).
-        image_lower = m.lower(m.embed_image(batch["images"]), "v")             # (B, 1+P, D)
-        text_lower = m.lower(m.embed_text(batch["input_ids"]), "l", text_mask)  # (B, L, D)
-        # ITC on the retrieval route: the top M layers with the v / l experts.
-        image_emb, text_emb = m.itc_embed(m.upper(image_lower, "v"), m.upper(text_lower, "l", text_mask))
+        r = m.routes(batch["images"], batch["input_ids"], mask)  # both routes of Fig. 2b, lower layers once
+        # ITC on the retrieval route
+        image_emb, text_emb = m.itc_embed(r.image, r.text)
         itc, sim = itc_loss(image_emb, text_emb, m.logit_scale)
-        # ITM on the fusion route: positives, then a hard negative text / image for each pair.
+        # ITM on the fusion route: the positives (r.fused), then a hard negative text for each image and
+        # a hard negative image for each text, fused from the same lower-layer features
         neg_text, neg_image = sample_hard_negatives(sim), sample_hard_negatives(sim.T)
-        b = image_emb.shape[0]
-        fused = m.fuse(torch.cat([image_lower, image_lower, image_lower[neg_image]]),
-                       torch.cat([text_lower, text_lower[neg_text], text_lower]),
-                       torch.cat([mask, mask[neg_text], mask]))                 # (3B, 1+P+L, D)
-        itm = F.cross_entropy(m.itm_logits(fused).float(), itm_labels(b, fused.device))
-        # MLM on the fusion route, from the masked text.
-        mlm_lower = m.lower(m.embed_text(batch["mlm_input_ids"]), "l", text_mask)
-        mlm_fused = m.fuse(image_lower, mlm_lower, mask)
+        negatives = m.fuse(torch.cat([r.image_lower, r.image_lower[neg_image]]),
+                           torch.cat([r.text_lower[neg_text], r.text_lower]),
+                           torch.cat([mask[neg_text], mask]))                  # (2B, 1+P+L, D)
+        itm_logits = m.itm_logits(torch.cat([r.fused, negatives]))            # (3B, 2)
+        itm = F.cross_entropy(itm_logits.float(), itm_labels(len(mask), itm_logits.device))
+        # MLM on the fusion route, from the masked text
+        mlm_fused = m.fuse(r.image_lower, m.text_lower(batch["mlm_input_ids"], mask), mask)
         mlm = mlm_loss(m.mlm_logits(mlm_fused, mask.shape[1]), batch["mlm_labels"])
         loss = itc + itm + self.mlm_weight * mlm                                # Sec. 5
         return loss, {"itc": itc.detach(), "itm": itm.detach(), "mlm": mlm.detach()}
@@ -201,14 +199,12 @@ def evaluate_retrieval(model, dataset, collate, batch_size, autocast):
     for start in range(0, len(dataset.images), batch_size):
         images = collate.images(dataset.images[start:start + batch_size]).to(model_device(model))
         with autocast:
-            feats = model.encode_image(images)
-        image_embs.append(F.normalize(model.itc_image_proj(feats[:, 0]).float(), dim=-1))
+            image_embs.append(model.itc_image(model.encode_image(images)))
     for start in range(0, len(dataset.captions), batch_size):
         ids, mask = collate.texts(dataset.captions[start:start + batch_size])
         ids, mask = ids.to(model_device(model)), mask.to(model_device(model))
         with autocast:
-            feats = model.encode_text(ids, mask)
-        text_embs.append(F.normalize(model.itc_text_proj(feats[:, 0]).float(), dim=-1))
+            text_embs.append(model.itc_text(model.encode_text(ids, mask)))
     sim = torch.cat(image_embs) @ torch.cat(text_embs).T                     # (I, C)
     return recall_at_k(sim.cpu(), torch.as_tensor(dataset.caption_image))
 
@@ -346,19 +342,11 @@ def model_from_checkpoint(checkpoint: dict, task=None, **overrides) -> VLTransfo
     return VLTransformer(ModelConfig(**fields))
 
 
-# Task heads, by module name (model.build_heads): the heads of one task that another task neither needs nor
-# has are dropped / freshly built on transfer. A key is a head's when its first component is one of these
-# names exactly ("cls_token" is no head, though it starts like "cls_head").
-HEADS = ("itc_image_proj", "itc_text_proj", "logit_scale", "pooler", "itm_head", "mlm_head", "vqa_head",
-         "nlvr2_head", "cls_norm", "cls_head", "seg_head")
-# The heads each task's evaluation reads: a checkpoint without them has nothing to score on that task.
+# The heads each task's evaluation reads (a subset of model.HEADS[task]): a checkpoint without them has
+# nothing to score on that task (pre-training is scored by zero-shot retrieval: ITC's projections).
 EVAL_HEADS = {"pretrain": ("itc_image_proj", "itc_text_proj"), "retrieval": ("itc_image_proj", "itc_text_proj"),
               "vqa": ("pooler", "vqa_head"), "nlvr2": ("pooler", "nlvr2_head"), "cls": ("cls_norm", "cls_head"),
               "seg": ("seg_head",)}
-
-
-def is_head(key: str) -> bool:
-    return key.split(".")[0] in HEADS
 
 
 def require_heads(task, fresh_keys, path):
@@ -375,14 +363,12 @@ def transfer_weights(model: VLTransformer, source: dict, source_variant=None) ->
     expanded into every expert (the seed hand-over), or a timm ViT. Heads the source lacks stay as
     built; heads the target lacks are dropped; anything else missing or extra is an error naming
     the key. Returns the keys that were left freshly initialized."""
-    from model import resize_pos_embed, strip_prefixes
     source = strip_prefixes(source)
     if "pos_embed" in source:  # fine-tuning at another image size (Table 6: 384 / 480 px) resamples the grid
         source["pos_embed"] = resize_pos_embed(source["pos_embed"], model.cfg.num_patches)
     if "word_embed.weight" not in source:  # a plain image ViT (timm / BEiT converted)
         load_vit_weights(model, source)
-        return [k for k in model.state_dict() if k.split(".")[0] not in
-                ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")]
+        return [k for k in model.state_dict() if not is_backbone_key(k)]
     if source_variant not in (None, "maa", model.cfg.variant):
         raise ValueError(f"a {source_variant} checkpoint cannot initialize a {model.cfg.variant} model "
                          f"(merge it first with `vlmerge.py merge`, or initialize from a maa checkpoint)")
@@ -390,7 +376,7 @@ def transfer_weights(model: VLTransformer, source: dict, source_variant=None) ->
     for key, param in target.items():
         source_key = key if key in source else shared_key(key)
         if source_key not in source:
-            if not is_head(key):
+            if not is_head_key(key):
                 raise KeyError(f"checkpoint is missing key {source_key!r}")
             fresh.append(key)
             continue
@@ -399,7 +385,7 @@ def transfer_weights(model: VLTransformer, source: dict, source_variant=None) ->
                              f"vs {tuple(param.shape)} in the model (another arch, image size or vocab?)")
         target[key] = source[source_key]
         used.add(source_key)
-    extra = [k for k in source if k not in used and not is_head(k)]
+    extra = [k for k in source if k not in used and not is_head_key(k)]
     if extra:
         raise KeyError(f"unexpected key {extra[0]!r} in the checkpoint ({len(extra)} unexpected in all)")
     model.load_state_dict(target, strict=True)
@@ -730,7 +716,7 @@ def fit(args, model, train_set, eval_set=None, tokenizer=None) -> dict:
             thing.load_state_dict(resumed[name])
         set_rng_state(rank_rng_state(resumed["rng"], rank, world, ckpt_path))
     if master:
-        write_json(os.path.join(args.out, "args.json"), vars(args) | {"frozen_parameters": len(frozen)})
+        write_json(os.path.join(args.out, "args.json"), vars(args) | {"frozen_parameters": frozen})
     runner = torch.compile(objective) if args.compile else objective
     if world > 1:
         runner = DDP(runner, device_ids=[device.index] if device.type == "cuda" else None)

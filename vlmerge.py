@@ -31,6 +31,7 @@ import os
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -136,14 +137,9 @@ def distances(state_dict, other=None) -> dict:
 # Merging a checkpoint file (the `merge` command and recipe stage 3).
 
 def modality_forward(model, batch):
-    """Every expert sees its own modality: images -> v, text -> l, the pair -> vl (Fig. 2b).
-    This is the forward whose linear inputs RegMean's Gram matrices are collected from."""
-    mask = batch["attention_mask"]
-    image_lower = model.lower(model.embed_image(batch["images"]), "v")
-    text_lower = model.lower(model.embed_text(batch["input_ids"]), "l", mask.bool())
-    model.upper(image_lower, "v")
-    model.upper(text_lower, "l", mask.bool())
-    model.fuse(image_lower, text_lower, mask)
+    """RegMean's Gram forward: both routes of Fig. 2b, so every expert sees its own modality's inputs
+    (images -> v, text -> l, the pair -> vl). The same method pre-training runs (model.routes)."""
+    model.routes(batch["images"], batch["input_ids"], batch["attention_mask"])
 
 
 # train.py's flags that name the pre-training data; a checkpoint written by train.py keeps their values
@@ -683,7 +679,10 @@ def run_recipe(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# bench: every figure is a ratio against a reference timed in the same process (median of repeats).
+# bench: every figure is a ratio against a reference timed in the same process. A ratio is the median
+# over interleaved pairs (reference, candidate, reference, candidate, ...), each pair timed back to back,
+# with the min-max of the pair ratios beside it: a slow minute on a shared machine then slows both sides
+# of a pair instead of one side of the ratio.
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, from the vendors' sheets
 
@@ -758,12 +757,37 @@ def set_mmap_threshold():
         pass
 
 
-def measure(fn, device, repeats):
-    """(median seconds, peak extra bytes of one call)."""
-    seconds = median_seconds(fn, device, repeats)
+class Paired(NamedTuple):
+    ref: float     # median seconds of the reference
+    ours: float    # median seconds of the candidate
+    ratio: float   # median over the pairs of ours / ref
+    lo: float      # min and max of the pair ratios
+    hi: float
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def paired_seconds(ref_fn, fn, device, pairs, warmup=2) -> Paired:
+    """Time `ref_fn` and `fn` in alternation, `pairs` times, after `warmup` calls of each."""
+    for _ in range(warmup):
+        ref_fn(), fn()
+    times = [(timed(ref_fn, device), timed(fn, device)) for _ in range(pairs)]
+    ratios = [ours / ref for ref, ours in times]
+    return Paired(statistics.median(r for r, _ in times), statistics.median(o for _, o in times),
+                  statistics.median(ratios), min(ratios), max(ratios))
+
+
+def peak_bytes(fn, device):
+    """Peak extra bytes of one call."""
     with PeakMemory(device) as mem:
         fn()
-    return seconds, mem.peak
+    return mem.peak
 
 
 def layer_flops(tokens, dim):
@@ -810,18 +834,17 @@ def bench_vision(args, device, shape, rows):
             x = ref._process_input(images)
             x = ref.encoder(torch.cat([ref.class_token.expand(batch, -1, -1), x], dim=1))
         x.float().mean().backward()
-    t_ref = median_seconds(ref_step, device, repeats)
     for variant in VARIANTS:
         model = build_model(args.arch, variant, image_size=size, patch_size=patch, depth=depth,
-                                  vocab_size=1000).to(device)
+                            vocab_size=1000).to(device)
 
         def step():
             with autocast:
                 x = model.encode_image(images)
             x.float().mean().backward()
-        t = median_seconds(step, device, repeats)
-        rows.append(["vision route fwd+bwd", variant, f"{1000 * t:.1f} ms", f"torchvision ViT {1000 * t_ref:.1f} ms",
-                     t / t_ref, "≤ 1.05"])
+        t = paired_seconds(ref_step, step, device, repeats)
+        rows.append(["vision route fwd+bwd", variant, f"{1000 * t.ours:.1f} ms",
+                     f"torchvision ViT {1000 * t.ref:.1f} ms", t, "≤ 1.05"])
 
 
 def bench_pretrain(args, device, shape, rows, arch):
@@ -858,9 +881,9 @@ def bench_merge(args, device, arch, rows, repeats):
         model = build_model(arch, "msa", image_size=32 if args.quick else 224, patch_size=8 if args.quick else 16)
     state = {k: v.to(device) for k, v in model.state_dict().items()}
     size = sum(v.numel() * v.element_size() for v in state.values())
-    t_copy, m_copy = measure(lambda: {k: v.clone() for k, v in state.items()}, device, repeats)
-    rows.append(["state-dict copy (reference)", f"{arch} msa, {size / 2**20:.0f} MiB", f"{1000 * t_copy:.0f} ms",
-                 f"peak +{m_copy / size:.2f}× ckpt", 1.0, ""])
+    copy = lambda: {k: v.clone() for k, v in state.items()}  # noqa: E731  the reference
+    rows.append(["state-dict copy (reference)", f"{arch} msa, {size / 2**20:.0f} MiB", "",
+                 f"peak +{peak_bytes(copy, device) / size:.2f}× ckpt", None, ""])
     init = merge.merge_modalities(state, "interpolation", alpha=0.5)
     grams = {k: torch.eye(v.shape[1], device=device) + 0.01 for k, v in state.items()
              if v.dim() == 2 and merge.merged_key(k)[1] is not None}
@@ -868,10 +891,11 @@ def bench_merge(args, device, arch, rows, repeats):
                "regmean": {"gamma": 0.5, "grams": grams}, "ties": {"density": 0.2, "lam": 1.0, "init_state": init},
                "dare": {"p": 0.9, "lam": 0.5, "seed": 0, "init_state": init}}
     for method, options in methods.items():
-        t, m = measure(lambda: merge.merge_modalities(state, method, **options), device, max(1, repeats // 2))
+        run = lambda: merge.merge_modalities(state, method, **options)  # noqa: E731
+        t = paired_seconds(copy, run, device, max(1, repeats // 2))
         target = "≤ 2× time, ≤ 1.2× ckpt memory" if method == "interpolation" else ""
-        rows.append([f"merge_modalities {method}", f"{arch} msa", f"{1000 * t:.0f} ms",
-                     f"peak +{m / size:.2f}× ckpt", t / t_copy, target])
+        rows.append([f"merge_modalities {method}", f"{arch} msa", f"{1000 * t.ours:.0f} ms",
+                     f"copy {1000 * t.ref:.0f} ms; peak +{peak_bytes(run, device) / size:.2f}× ckpt", t, target])
     # Gram collection: the same forward passes with and without the hooks
     model = model.to(device).eval()
     cfg = model.cfg
@@ -881,13 +905,12 @@ def bench_merge(args, device, arch, rows, repeats):
         with torch.no_grad():
             for b in batches:
                 modality_forward(model, b)
-    t_bare = median_seconds(bare, device, repeats)
-    t_gram = median_seconds(lambda: merge.collect_grams(model, batches, forward=modality_forward), device, repeats)
+    t = paired_seconds(bare, lambda: merge.collect_grams(model, batches, forward=modality_forward), device, repeats)
     # Arithmetic floor: per token and block the Grams of qkv, proj, fc1 (D² each) and fc2 ((4D)² = 16D²)
     # cost 2·19·D² multiply-adds against the block's own 2·12·D²: hooks cannot cost less than ~2.6x.
     floor = 1 + 19 / 12
-    rows.append(["collect_grams", f"{arch} msa, 2 batches", f"{1000 * t_gram:.0f} ms",
-                 f"forwards {1000 * t_bare:.0f} ms; FLOP floor {floor:.2f}×", t_gram / t_bare,
+    rows.append(["collect_grams", f"{arch} msa, 2 batches", f"{1000 * t.ours:.0f} ms",
+                 f"forwards {1000 * t.ref:.0f} ms; FLOP floor {floor:.2f}×", t,
                  f"≤ 1.2 (below the {floor:.1f}× floor: see README)"])
     return state
 
@@ -896,12 +919,12 @@ def bench_distances(device, state, rows, repeats):
     """The four Sec. 7 metrics between the v and l experts; memory in units of the largest tensor."""
     a, b = merge.modality_weights(state)
     largest = max(v.numel() * v.element_size() for v in a.values())
-    t_ref = median_seconds(lambda: sum(float((x - y).pow(2).sum()) for x, y in zip(a.values(), b.values())),
-                           device, repeats)
+    reference = lambda: sum(float((x - y).pow(2).sum()) for x, y in zip(a.values(), b.values()))  # noqa: E731
     for name, metric in METRICS.items():
-        t, m = measure(lambda: metric(a, b), device, max(1, repeats // 2))
+        t = paired_seconds(reference, lambda: metric(a, b), device, max(1, repeats // 2))
         rows.append([f"distance {name}", f"{sum(v.numel() for v in a.values()) / 1e6:.1f}M weights",
-                     f"{1000 * t:.0f} ms", f"peak +{m / largest:.1f}× largest tensor", t / t_ref,
+                     f"{1000 * t.ours:.0f} ms", f"Σ(a−b)² {1000 * t.ref:.0f} ms; "
+                     f"peak +{peak_bytes(lambda: metric(a, b), device) / largest:.1f}× largest tensor", t,
                      "≤ ~2 extra copies" if name == "tssd" else ""])
 
 
@@ -914,16 +937,21 @@ def bench_data(args, rows, repeats):
     dataset = world.dataset("pretrain", "train")
     collate = data.Collator(world.tokenizer(), max_len=24, image_size=32, train=True)
     n_batches = 4 if args.quick else 40
-    rates = {}
-    for workers in (0, 2):
-        loader = torch.utils.data.DataLoader(dataset, 64, shuffle=True, collate_fn=collate, num_workers=workers)
 
-        def consume():
-            for _, _batch in zip(range(n_batches), loader):
-                pass
-        rates[workers] = n_batches * 64 / median_seconds(consume, torch.device("cpu"), 1, warmup=0)
-        rows.append(["loader (RandAugment + MLM)", f"{workers} workers", f"{rates[workers]:.0f} samples/s",
-                     f"0 workers {rates[0]:.0f}/s", rates[workers] / rates[0], ""])
+    def consume(workers):
+        loader = torch.utils.data.DataLoader(dataset, 64, shuffle=True, collate_fn=collate, num_workers=workers)
+        return lambda: [None for _, _batch in zip(range(n_batches), loader)]
+    t = paired_seconds(consume(0), consume(2), torch.device("cpu"), max(1, repeats // 2), warmup=0)
+    rows.append(["loader (RandAugment + MLM)", "2 workers", f"{n_batches * 64 / t.ours:.0f} samples/s",
+                 f"0 workers {n_batches * 64 / t.ref:.0f}/s", t, "time ratio < 1"])
+
+
+def flat_row(row):
+    """[..., ratio or Paired or None, target] -> [..., median ratio, (min, max) or None, target]."""
+    *head, ratio, target = row
+    if isinstance(ratio, Paired):
+        return [*head, ratio.ratio, (ratio.lo, ratio.hi), target]
+    return [*head, ratio, None, target]
 
 
 def run_bench(args):
@@ -943,11 +971,13 @@ def run_bench(args):
     state = bench_merge(args, device, args.arch if args.quick else "vit_base", rows, repeats)
     bench_distances(device, state, rows, repeats)
     bench_data(args, rows, repeats)
-    header = ["benchmark", "setting", "ours", "reference", "ratio", "target"]
+    header = ["benchmark", "setting", "ours", "reference", "ratio", "range", "target"]
     print(f"\n**vlmerge bench** — {device.type}"
           f" ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}),"
           f" torch {torch.__version__}\n")
-    print(table(header, [r[:4] + [fmt(r[4]), r[5]] for r in rows]))  # ratio None: no reference (MFU on CPU)
+    rows = [flat_row(r) for r in rows]
+    print(table(header, [r[:4] + [fmt(r[4]), "" if r[5] is None else f"{r[5][0]:.2f}–{r[5][1]:.2f}", r[6]]
+                         for r in rows]))  # a ratio None has no reference (MFU on a CPU)
     result = {"device": str(device), "torch": torch.__version__, "quick": args.quick,
               "rows": [dict(zip(header, r)) for r in rows]}
     train.write_json(args.json, result)
