@@ -1052,11 +1052,10 @@ def load_image_folder(root, classes=None):
         folder = ImageFolder(root, loader=str)  # the loader is never called: read_image reads the files
     except FileNotFoundError as error:
         raise ValueError(f"{root}: {error}") from None
-    if classes is not None and folder.classes != list(classes):
-        missing = sorted(set(classes) ^ set(folder.classes))
-        raise ValueError(f"{root}: its class folders differ from training's ({len(folder.classes)} vs "
-                         f"{len(classes)}; first difference {missing[0]!r})" if missing else
-                         f"{root}: class folders differ from training's")
+    if classes is not None and folder.classes != list(classes):  # both sorted: the sets differ
+        differing = sorted(set(classes) ^ set(folder.classes))
+        raise ValueError(f"{root}: {len(folder.classes)} class folders vs training's {len(classes)}; "
+                         f"{differing[0]!r} is in one only")
     dataset = FileDataset([{"image": Path(path), "label": label} for path, label in folder.samples])
     dataset.classes = folder.classes
     return dataset

@@ -441,3 +441,17 @@ def test_smoke_recipe_on_real_files_scores_every_table_cell(tmp_path):
     assert len(table1) == 16 and len(table3) == 12
     for cell in table1 + table3:
         assert float(cell) >= 0, (cell, report)
+
+
+def test_bad_imagefolder_and_ade20k_input_is_one_error_naming_the_place(tmp_path):
+    for name in ("cat", "cow"):
+        jpeg(tmp_path / "val" / name / "0.jpg", MID)
+    with pytest.raises(ValueError, match=r"val: 2 class folders vs training's 2; 'cow' is in one only"):
+        data.load_image_folder(tmp_path / "val", ["cat", "dog"])
+    jpeg(tmp_path / "ade" / "images" / "validation" / "a.jpg", MID, size=(32, 32))
+    (tmp_path / "ade" / "annotations" / "validation").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"a.jpg: no label map .*a.png"):
+        data.load_ade20k(tmp_path / "ade", "validation")
+    Image.new("L", (32, 32), 151).save(tmp_path / "ade" / "annotations" / "validation" / "a.png")
+    with pytest.raises(ValueError, match=r"a.png: label 151 > 150"):
+        data.load_ade20k(tmp_path / "ade", "validation")[0]
