@@ -5,7 +5,7 @@ Fig. 1; Dziadzio et al. 2025).
     python vlmerge.py temporal --preset tiny --grid   # init × deploy × technique over a task stream, TEMPORAL.md
     python vlmerge.py merge CKPT --method interpolation --alpha 0.75 -o merged.pt
     python vlmerge.py distance CKPT [CKPT2]           # L2, cosine, SSD, TSSD (Sec. 7)
-    python vlmerge.py eval CKPT --task vqa
+    python vlmerge.py eval CKPT --task vqa            # + --eval-data / --eval-annotations: real files
     python vlmerge.py bench --quick                   # speed and memory vs references
 
 The recipe (`recipe`), stage by stage -- each stage is an ordinary train.py run or a merge, its
@@ -74,7 +74,8 @@ class Preset:
     alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     lams: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     gammas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
-    gram_batches: int = 8
+    gram_samples: int = 512        # RegMean: pre-training samples whose linear-layer inputs make the Grams
+    # task -> fine-tuning steps (at batch_size, finetune_lr), or None: train.py --paper's Table 6 schedule
     finetune: dict = dataclasses.field(default_factory=lambda: {"vqa": 1000, "retrieval": 1000})
     finetune_lr: float = 1e-4
     finetune_seeds: int = 1        # >1: the spread of one number over fine-tuning seeds
@@ -87,7 +88,7 @@ class Preset:
 PRESETS = {
     # every stage, a few steps each: the test suite runs this (101 s on 2 CPU cores)
     "smoke": Preset(depth=2, fusion_layers=1, image_size=32, patch_size=8, max_len=24, batch_size=16, lr=1e-3,
-                    precision="fp32", init_steps=4, pretrain_steps=6, seed_fracs=(0.5,), gram_batches=2,
+                    precision="fp32", init_steps=4, pretrain_steps=6, seed_fracs=(0.5,), gram_samples=32,
                     alphas=(0.0, 0.5, 1.0), lams=(0.5, 1.0), gammas=(0.5, 1.0),
                     finetune={"vqa": 3, "retrieval": 3, "nlvr2": 2, "cls": 2, "seg": 2}, finetune_lr=1e-3,
                     finetune_seeds=2, finetune_sweeps=True),
@@ -96,12 +97,12 @@ PRESETS = {
     # scale (README, "Departures"); the smoke preset still runs stage 0
     "tiny": Preset(depth=4, fusion_layers=2, image_size=32, patch_size=8, max_len=24, batch_size=64, lr=5e-4,
                    precision="bf16", init_steps=0, pretrain_steps=300, seed_fracs=(0.25, 0.5, 0.75),
-                   gram_batches=8, finetune={"vqa": 150, "retrieval": 100}, finetune_lr=5e-4,
+                   gram_samples=512, finetune={"vqa": 150, "retrieval": 100}, finetune_lr=5e-4,
                    finetune_seeds=3, finetune_sweeps=False, ablation=False),
     # Sec. 5 / Table 6: ViT-B/16 at 224 px, batch 1024, 200k steps; real data; GPUs via torchrun
-    "paper": Preset(arch="vit_base", init_steps=None, gram_batches=64,
-                    finetune={"vqa": 20_000, "retrieval": 20_000, "nlvr2": 10_000, "cls": 50_000, "seg": 40_000},
-                    finetune_lr=3e-5, finetune_seeds=1, ablation=True),
+    "paper": Preset(arch="vit_base", init_steps=None, gram_samples=65_536,
+                    finetune=dict.fromkeys(("vqa", "retrieval", "nlvr2", "cls", "seg")),  # Table 6, per task
+                    finetune_seeds=1, ablation=True),
 }
 
 # The paper's numbers, beside which ours are reported (Tables 1, 2, 3, 5).
@@ -121,6 +122,7 @@ PAPER = {
                "cosine": [0.371, 0.264, 0.163, 0.098, 0.938], "ssd": [0.198, 0.161, 0.125, 0.104, 0.939],
                "tssd": [0.066, 0.037, 0.015, 0.006, 0.971], "drop": [9.16, 4.50, 2.80, 2.60]},
 }
+GRAM_BATCH = 64  # samples per forward while collecting Grams (memory only: the Grams are sums over samples)
 METRICS = {"l2": merge.l2_distance, "cosine": merge.cosine_dissimilarity, "ssd": merge.ssd, "tssd": merge.tssd}
 
 
@@ -153,36 +155,71 @@ def modality_forward(model, batch):
     model.routes(batch["images"], batch["input_ids"], batch["attention_mask"])
 
 
-def gram_batches(checkpoint, n_batches, batch_size, world_seed=0):
-    """n pre-training batches of the synthetic world (no augmentation, no masking needed)."""
+# train.py's flags that name the pre-training data; a checkpoint written by train.py keeps their values
+DATA_FLAGS = ("data", "image_root", "vocab", "world_seed")
+
+
+def data_flags(values: dict) -> list:
+    """train.py's data flags from a dict of their values (a checkpoint's saved args, or a command's)."""
+    return [x for key in DATA_FLAGS if values.get(key) is not None
+            for x in (f"--{key.replace('_', '-')}", str(values[key]))]
+
+
+def gram_batches(checkpoint, samples, batch_size, flags=None):
+    """RegMean's inputs: `samples` pre-training samples (a fixed shuffle, no augmentation) of the data that
+    `flags` name (train.py's --data / --image-root / --vocab; default: the checkpoint's own, from its
+    saved args; none at all: the synthetic world), tokenized by that data's tokenizer at the checkpoint's
+    shapes. Returns a list of collated batches (on the CPU)."""
+    if "config" not in checkpoint:
+        raise ValueError("--method regmean needs a vlmerge checkpoint (with 'config') to collect Gram matrices")
     cfg = checkpoint["config"]
-    world = data.SyntheticWorld(seed=world_seed, image_size=cfg["image_size"])
-    collate = data.Collator(world.tokenizer(), max_len=cfg["max_text_len"], image_size=cfg["image_size"])
-    loader = torch.utils.data.DataLoader(world.dataset("pretrain", "train"), batch_size, shuffle=False,
-                                         collate_fn=collate)
-    return [batch for _, batch in zip(range(n_batches), loader)]
+    flags = list(flags) if flags else data_flags(checkpoint.get("args") or {})  # the checkpoint's own data
+    args = train.parse_args(flags + ["--image-size", str(cfg["image_size"]), "--max-len", str(cfg["max_text_len"])])
+    dataset, _, tokenizer, _ = train.make_data(args, "pretrain", evaluation=False)
+    if len(tokenizer) != cfg["vocab_size"]:  # another tokenizer's ids would index the wrong words
+        source = f"--vocab {args.vocab}" if args.vocab else "the synthetic world's tokenizer"
+        raise ValueError(f"RegMean's data: {source} has {len(tokenizer)} tokens, the checkpoint's word embedding "
+                         f"{cfg['vocab_size']}: give the --data / --vocab it was pre-trained with")
+    collate = data.Collator(tokenizer, max_len=cfg["max_text_len"], image_size=cfg["image_size"])
+    subset = torch.utils.data.Subset(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+                                     [:samples].tolist())
+    return list(torch.utils.data.DataLoader(subset, batch_size, shuffle=False, collate_fn=collate))
 
 
-def merge_checkpoint(checkpoint, method, init=None, batches=None, **options) -> dict:
+def checkpoint_grams(checkpoint, batches, device="cpu") -> dict:
+    """RegMean's Gram matrices of a vlmerge checkpoint's linear layers on `batches`, collected on `device`
+    (returned on the CPU, where the merge runs)."""
+    model = train.model_from_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["model"], strict=True)
+    model.to(device)
+    on_device = (train.to_device(batch, device) for batch in batches)
+    grams = merge.collect_grams(model, on_device, forward=modality_forward)
+    return {k: g.cpu() for k, g in grams.items()}
+
+
+def merge_checkpoint(checkpoint, method, init=None, grams=None, **options) -> dict:
     """A maa checkpoint merged from an msa-family one. `init` (a checkpoint) gives W_0 for the
-    methods that subtract it; `batches` feed RegMean's Gram matrices."""
+    methods that subtract it; `grams` (checkpoint_grams) are RegMean's."""
     state = checkpoint["model"]
     if method in ("modality_arithmetic", "ties", "dare"):
         if init is None:
             raise ValueError(f"--method {method} needs --init-state (the seed / initial maa checkpoint: W_0)")
         options["init_state"] = init["model"]
     if method == "regmean":
-        if "config" not in checkpoint:
-            raise ValueError("--method regmean needs a vlmerge checkpoint (with 'config') to collect Gram matrices")
-        model = train.model_from_checkpoint(checkpoint)
-        model.load_state_dict(state, strict=True)
-        options["grams"] = merge.collect_grams(model, batches, forward=modality_forward)
+        if grams is None:
+            raise ValueError("--method regmean needs Gram matrices (checkpoint_grams)")
+        options["grams"] = grams
     merged = merge.merge_modalities(state, method, **options)
     out = {k: v for k, v in checkpoint.items() if k in ("arch", "task", "step")}
     if "config" in checkpoint:
         out["config"] = {**checkpoint["config"], "variant": "maa"}
     shown = {k: v for k, v in options.items() if isinstance(v, (int, float))}
     return out | {"model": merged, "variant": "maa", "merge": {"method": method, **shown}}
+
+
+def default_device():
+    """The device a run trains on: this process's GPU, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,13 +232,17 @@ class Recipe:
         self.p, self.out, self.init, self.dry_run = preset, out, init, dry_run
         self.plan = []  # the train.py command lines, for --dry-run and the report
         self.models = {}  # name -> {"ckpt": path, "variant": str, "zero_shot": {...}, task: {...}}
+        self.gram_cache = {}  # model name -> RegMean's Gram matrices
         os.makedirs(out, exist_ok=True)
 
     # -- running one stage ------------------------------------------------------------------------
-    def flags(self, task="pretrain"):
+    def flags(self, task="pretrain", image_size=True):
+        """The shape and data flags of a stage; image_size=False leaves the size to train.py's profile
+        (Table 6 fine-tunes at 384 / 480 px: the position embedding is resized on loading)."""
         p = self.p
-        return ["--arch", p.arch, "--depth", str(p.depth), "--fusion-layers", str(p.fusion_layers),
-                "--image-size", str(p.image_size), "--patch-size", str(p.patch_size), "--max-len", str(p.max_len),
+        size = ["--image-size", str(p.image_size)] if image_size else []
+        return ["--arch", p.arch, "--depth", str(p.depth), "--fusion-layers", str(p.fusion_layers), *size,
+                "--patch-size", str(p.patch_size), "--max-len", str(p.max_len),
                 "--precision", p.precision, "--eval-split", p.eval_split, "--quiet", *p.data.get(task, [])]
 
     def stage(self, name, argv) -> dict:
@@ -291,11 +332,19 @@ class Recipe:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             checkpoint = train.load_checkpoint(self.ckpt(source))
             init = train.load_checkpoint(self.models[init_name]["ckpt"]) if init_name else None
-            batches = gram_batches(checkpoint, self.p.gram_batches, self.p.batch_size) if method == "regmean" else None
-            train.save_checkpoint(path, merge_checkpoint(checkpoint, method, init, batches, **{option: value}))
+            grams = self.grams(source, checkpoint) if method == "regmean" else None
+            train.save_checkpoint(path, merge_checkpoint(checkpoint, method, init, grams, **{option: value}))
         zero_shot = self.stage(f"zero_shot/{name}", self.flags() + ["--variant", "maa", "--eval-only", "--init", path])
         self.models[name] = {"ckpt": path, "variant": "maa", "zero_shot": zero_shot}
         return name
+
+    def grams(self, source, checkpoint):
+        """RegMean's Gram matrices of `source`, collected once (they do not depend on γ) on the run's device
+        from the pre-training data of the preset (its data config), with that data's tokenizer."""
+        if source not in self.gram_cache:
+            batches = gram_batches(checkpoint, self.p.gram_samples, GRAM_BATCH, self.p.data.get("pretrain"))
+            self.gram_cache[source] = checkpoint_grams(checkpoint, batches, default_device())
+        return self.gram_cache[source]
 
     def init_state_name(self, source):
         """W_0 of modality arithmetic: the seed checkpoint that started `source` (Sec. 4.1)."""
@@ -307,11 +356,13 @@ class Recipe:
         model = self.models[name]
         steps = self.p.finetune[task]
         suffix = f"_s{seed}" if seed else ""
-        metrics = self.stage(f"finetune/{task}/{name}{suffix}",
-                             self.flags(task) + ["--task", task, "--variant", model["variant"], "--init", model["ckpt"],
-                                                 "--steps", str(steps), "--batch-size", self.batch(),
-                                                 "--lr", str(self.p.finetune_lr), "--warmup", str(steps // 10),
-                                                 "--seed", str(seed)])
+        common = ["--task", task, "--variant", model["variant"], "--init", model["ckpt"], "--seed", str(seed)]
+        if steps is None:  # train.py --paper: Table 6's image size, lr, global batch and epochs for this task
+            argv = self.flags(task, image_size=False) + common + ["--paper"]
+        else:
+            argv = self.flags(task) + common + ["--steps", str(steps), "--batch-size", self.batch(),
+                                                "--lr", str(self.p.finetune_lr), "--warmup", str(steps // 10)]
+        metrics = self.stage(f"finetune/{task}/{name}{suffix}", argv)
         model.setdefault("finetune", {}).setdefault(task, []).append(metrics)
         return metrics
 
@@ -382,7 +433,7 @@ class Recipe:
 
 def build_only(argv):
     """--dry-run: check a stage's flags and build its model (on the meta device: no memory)."""
-    args = train.build_parser().parse_args(argv)
+    args = train.resolve_defaults(train.build_parser().parse_args(argv))  # not parse_args: no file is read
     with torch.device("meta"):
         train.model_from_args(args, vocab_size=30522)
 
@@ -593,13 +644,29 @@ def plot_sweeps(r, path):
     return True
 
 
+def read_data_config(path, preset) -> dict:
+    """--data-config: {task: [train.py data flags]} for pre-training and every task the preset fine-tunes
+    (and "cls" when it has a stage 0). Each entry must name evaluation data, so that no stage is left
+    without a score; a missing or score-less entry is one error naming the task."""
+    config = data._read_json(path)  # a malformed file: one error naming its line
+    tasks = ["pretrain", *preset.finetune] + (["cls"] if preset.init_steps else [])
+    for task in dict.fromkeys(tasks):
+        flags = config.get(task) if isinstance(config, dict) else None
+        if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+            raise ValueError(f"--data-config {path}: {task!r} needs a list of train.py flags (the preset runs "
+                             f"{', '.join(dict.fromkeys(tasks))})")
+        if not train.names_evaluation(train.parse_args(["--task", task, *flags])):
+            raise ValueError(f"--data-config {path}: {task!r} names no evaluation data (--eval-data"
+                             f"{', --eval-annotations' if task == 'vqa' else ''}): its stages would have no score")
+    return config
+
+
 def run_recipe(args) -> dict:
     preset = PRESETS[args.preset]
     if args.ablation:
         preset = dataclasses.replace(preset, ablation=True)
     if args.data_config:
-        with open(args.data_config) as f:
-            preset = dataclasses.replace(preset, data=json.load(f))
+        preset = dataclasses.replace(preset, data=read_data_config(args.data_config, preset))
     out = args.out or os.path.join("runs", f"recipe_{args.preset}")
     recipe = Recipe(preset, out, init=args.init, dry_run=args.dry_run)
     start = time.time()
@@ -1421,12 +1488,11 @@ def cmd_merge(args):
                "regmean": {"gamma": args.gamma}, "ties": {"density": args.density, "lam": args.lam},
                "dare": {"p": args.p, "lam": args.lam, "seed": args.seed}}[args.method]
     init = train.load_checkpoint(args.init_state) if args.init_state else None
-    batches = None
+    grams = None
     if args.method == "regmean":
-        if "config" not in checkpoint:
-            raise ValueError("--method regmean needs a vlmerge checkpoint (with 'config') to collect Gram matrices")
-        batches = gram_batches(checkpoint, args.gram_batches, args.batch_size)
-    merged = merge_checkpoint(checkpoint, args.method, init, batches, **options)
+        batches = gram_batches(checkpoint, args.gram_samples, args.batch_size, data_flags(vars(args)))
+        grams = checkpoint_grams(checkpoint, batches, args.device)
+    merged = merge_checkpoint(checkpoint, args.method, init, grams, **options)
     train.save_checkpoint(args.output, merged)
     print(f"merged {args.ckpt} by {args.method} {options} -> {args.output}")
 
@@ -1453,6 +1519,9 @@ def cmd_eval(args):
             "--image-size", str(cfg["image_size"]), "--patch-size", str(cfg["patch_size"]),
             "--max-len", str(cfg["max_text_len"]), "--eval-only", "--init", args.ckpt,
             "--eval-split", args.split, "--out", args.out, *args.train_args]
+    saved_vocab = (checkpoint.get("args") or {}).get("vocab")
+    if saved_vocab and "--vocab" not in args.train_args:  # real data: the checkpoint's own tokenizer by default
+        argv += ["--vocab", saved_vocab]
     return train.run(argv)
 
 
@@ -1507,8 +1576,13 @@ def build_parser():
     p.add_argument("--p", type=float, default=0.9, help="dare: drop probability")
     p.add_argument("--seed", type=int, default=0, help="dare: random seed")
     p.add_argument("--init-state", default=None, help="W_0: the seed maa checkpoint (arithmetic / ties / dare)")
-    p.add_argument("--gram-batches", type=int, default=8, help="RegMean: synthetic pre-training batches")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--gram-samples", type=int, default=512, help="RegMean: pre-training samples for the Grams")
+    p.add_argument("--batch-size", type=int, default=GRAM_BATCH, help="RegMean: samples per forward")
+    # RegMean's data: train.py's data flags; by default the checkpoint's own (saved in it by train.py)
+    p.add_argument("--data", default=None, help="RegMean: pre-training data ('synthetic', .jsonl, Karpathy .json)")
+    p.add_argument("--image-root", default=None, help="RegMean: folder of --data's images")
+    p.add_argument("--vocab", default=None, help="RegMean: the BERT vocab.txt the checkpoint was trained with")
+    p.add_argument("--device", default=str(default_device()), help="RegMean: where the Grams are collected")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_merge)
 
@@ -1523,7 +1597,10 @@ def build_parser():
     p.add_argument("--task", default=None, choices=train.TASKS)
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--out", default="runs/eval")
-    p.add_argument("train_args", nargs=argparse.REMAINDER, help="further train.py flags (e.g. --data ...)")
+    p.add_argument("train_args", nargs=argparse.REMAINDER,
+                   help="further train.py flags: real data is --eval-data (+ --eval-annotations for VQA, "
+                        "--eval-image-root, --predictions FILE), or --data ROOT for cls / seg; --vocab defaults "
+                        "to the one the checkpoint was trained with")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="speed and memory against references in the same process")
