@@ -72,7 +72,7 @@ class Preset:
 
 PRESETS = {
     # every stage, a few steps each: the test suite runs this (101 s on 2 CPU cores)
-    "smoke": Preset(depth=2, fusion_layers=1, image_size=32, patch_size=8, max_len=24, batch_size=16, lr=1e-3,
+    "smoke": Preset(depth=2, fusion_layers=1, image_size=32, patch_size=8, max_len=32, batch_size=16, lr=1e-3,
                     precision="fp32", init_steps=4, pretrain_steps=6, seed_fracs=(0.5,), gram_batches=2,
                     alphas=(0.0, 0.5, 1.0), lams=(0.5, 1.0), gammas=(0.5, 1.0),
                     finetune={"vqa": 3, "retrieval": 3, "nlvr2": 2, "cls": 2, "seg": 2}, finetune_lr=1e-3,
@@ -80,7 +80,7 @@ PRESETS = {
     # the README's headline reproduction: 12.4 minutes on 2 CPU cores (+5.4 with --ablation)
     # init_steps=0: a random W⁰, because our image-only stand-in for BEiT hurt VL learning at this
     # scale (README, "Departures"); the smoke preset still runs stage 0
-    "tiny": Preset(depth=4, fusion_layers=2, image_size=32, patch_size=8, max_len=24, batch_size=64, lr=5e-4,
+    "tiny": Preset(depth=4, fusion_layers=2, image_size=32, patch_size=8, max_len=32, batch_size=64, lr=5e-4,
                    precision="bf16", init_steps=0, pretrain_steps=300, seed_fracs=(0.25, 0.5, 0.75),
                    gram_batches=8, finetune={"vqa": 150, "retrieval": 100}, finetune_lr=5e-4,
                    finetune_seeds=3, finetune_sweeps=False, ablation=False),
@@ -845,7 +845,7 @@ def bench_data(args, rows, repeats):
     t = median_seconds(lambda: world.generate(n, seed=1), torch.device("cpu"), max(1, repeats // 2), warmup=1)
     rows.append(["synthetic world", f"{n} scenes, 32 px", f"{n / t:.0f} img/s", "", None, "thousands/s"])
     dataset = world.dataset("pretrain", "train")
-    collate = data.Collator(world.tokenizer(), max_len=24, image_size=32, train=True)
+    collate = data.Collator(world.tokenizer(), max_len=32, image_size=32, train=True)
     n_batches = 4 if args.quick else 40
     rates = {}
     for workers in (0, 2):
