@@ -64,12 +64,13 @@ is ever seen in training, by any task.
 **Unambiguous retrieval.** Random scenes repeat, and a caption that leaves out sizes or positions is often
 true of other scenes too: in a 1 000-image test split drawn scene by scene, 78 images shared their layout
 with another, and of its 5 000 captions 965 were true of another image (516 even as a complete description of
-it), so R@1 had a ceiling below 100 and the same noise for every model. We chose to fix the data, not the metric (which stays one right image per caption, as COCO's):
-each caption comes with a `Claim` — the (shape, color, size or None, cell or None) it mentions and the
-relations it states — and a val / test split of pretrain / retrieval is built in order (`_unambiguous`),
-redrawing scene j until its layout is new, none of its captions holds on an earlier scene and no earlier
-caption holds on it (`_claim_holds`: literal truth, extra objects allowed). So every retrieval hit and miss
-is a real one. The train split stays lazy and per index: ITC may still meet a false negative there.
+it), so R@1 had a ceiling below 100 and the same noise for every model. We chose to fix the data, not the
+metric (which stays one right image per caption, as COCO's): each caption comes with a `Claim` — the
+(shape, color, size or None, cell or None) it mentions and the relations it states — and a val / test split
+of pretrain / retrieval is built in order (`_unambiguous`), redrawing scene j until its layout is new, none of
+its captions holds on an earlier scene and no earlier caption holds on it (`_claim_holds`: literal truth,
+extra objects allowed). So every retrieval hit and miss is a real one. The train split stays lazy and per
+index: ITC may still meet a false negative there.
 
 **Text length.** With [CLS] and [SEP], a caption is 9–31 tokens (median 20; a quarter of the captions are over
 24: three objects, each with its size and position, take 26 words, "an image of" 3 more), a VQA question
@@ -604,32 +605,46 @@ def _make_captioned(rng, split, world):
     return {"scenes": [_scene(rng, objects)], "captions": list(captions), "claims": list(claims)}
 
 
+def _names(items):
+    """The sorted (shape, color) names of objects or of a caption's mentions."""
+    return tuple(sorted(item[:2] for item in items))
+
+
 def _unambiguous(draw, count):
     """count captioned scene specs, scene j from draw(j, attempt) for attempt 0, 1, … until it has a layout no
     earlier scene has, none of its captions is true of an earlier scene, and no earlier caption is true of it
     — so that a retrieval split has exactly one right image per caption. Names (shape, color) index both
     ways: a caption can only be true of a scene holding every name it mentions."""
     specs, layouts = [], set()
-    scenes_with = defaultdict(set)  # (shape, color) → indices of the scenes holding one
-    claims_on = defaultdict(list)              # sorted names of a caption's mentions → its claims
-    names = lambda items: tuple(sorted(item[:2] for item in items))  # noqa: E731  works on Obj and mention
-    for j in range(count):
+    scenes_with = defaultdict(set)  # (shape, color) → indices of the earlier scenes holding one
+    claims_on = defaultdict(list)   # the names a caption mentions → the earlier captions' claims
+
+    def clashes(objects, claims):
+        if _layout(objects) in layouts:
+            return True
+        for claim in claims:  # a new caption true of an earlier scene
+            candidates = set.intersection(*(scenes_with[n] for n in _names(claim.mentions)))
+            if any(_claim_holds(claim, specs[k]["scenes"][0].objects) for k in candidates):
+                return True
+        # an earlier caption true of the new scene: it mentions 2 or 3 of the scene's objects by name
+        subsets = (s for r in (2, 3) for s in itertools.combinations(objects, r))
+        return any(_claim_holds(c, objects) for subset in subsets for c in claims_on[_names(subset)])
+
+    def first_clear(j):
         for attempt in range(10_000):
             spec = draw(j, attempt)
-            objects = spec["scenes"][0].objects
-            others = lambda claim: set.intersection(*(scenes_with[n] for n in names(claim.mentions)))  # noqa: E731
-            if (_layout(objects) not in layouts
-                    and not any(_claim_holds(c, specs[k]["scenes"][0].objects) for c in spec["claims"] for k in others(c))
-                    and not any(_claim_holds(c, objects) for r in (2, 3) for subset in itertools.combinations(objects, r)
-                                for c in claims_on[names(subset)])):
-                break
-        else:
-            raise RuntimeError(f"scene {j}: no unambiguous draw in 10 000 attempts")
+            if not clashes(spec["scenes"][0].objects, spec["claims"]):
+                return spec
+        raise RuntimeError(f"scene {j}: no unambiguous draw in 10 000 attempts")
+
+    for j in range(count):
+        spec = first_clear(j)
+        objects = spec["scenes"][0].objects
         layouts.add(_layout(objects))
         for o in objects:
             scenes_with[(o.shape, o.color)].add(j)
         for claim in spec["claims"]:
-            claims_on[names(claim.mentions)].append(claim)
+            claims_on[_names(claim.mentions)].append(claim)
         specs.append(spec)
     return specs
 

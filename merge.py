@@ -27,7 +27,8 @@ The file reads in four parts:
 3. Distances between two weight vectors, Sec. 7 / Table 5: ``l2_distance``,
    ``cosine_dissimilarity``, ``ssd`` (Eq. 1) and ``tssd``.
 4. ``modality_weights`` pairs the vision and language experts of one checkpoint, so that
-   ``tssd(*modality_weights(state_dict))`` is a number of Table 5.
+   ``tssd(*modality_weights(state_dict))`` is a number of Table 5; ``modality_vectors`` gives the same
+   pairs less their shared start W_0 (τ_m = W_m − W_0), to measure what the experts learned.
 
 House rules: bad input raises one ValueError (KeyError for a missing key) that names the key;
 merging runs tensor by tensor, so memory beyond the output stays at a few copies of the largest
@@ -593,6 +594,19 @@ def modality_weights(state_dict: StateDict, a: str = "v", b: str = "l") -> tuple
     if not weights_a:
         raise ValueError(f"no key has both a {a!r} and a {b!r} expert")
     return weights_a, weights_b
+
+
+def modality_vectors(state_dict: StateDict, init_state: StateDict, a: str = "v", b: str = "l") -> tuple:
+    """The modality vectors τ_a = W_a − W_0 and τ_b = W_b − W_0 (Sec. 4.1) as two state dicts keyed by the maa
+    key, for the keys of `modality_weights`; W_0 = init_state[maa key], the weights both experts started from
+    (the seed checkpoint, or the initial maa / ViT weights). Distances between them compare what each expert
+    learned: their sign conflicts are what TIES resolves. New float32 tensors."""
+    weights_a, weights_b = modality_weights(state_dict, a, b)
+    tau_a, tau_b = {}, {}
+    for key in weights_a:
+        w0 = _seed_tensor(init_state, key, {"v": weights_a[key]}).float()
+        tau_a[key], tau_b[key] = weights_a[key].float() - w0, weights_b[key].float() - w0
+    return tau_a, tau_b
 
 
 # ---------------------------------------------------------------------------------------------
