@@ -39,7 +39,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import data
-from model import ARCHS, TASKS, VARIANTS, ModelConfig, VLTransformer, build_model, load_vit_weights, shared_key
+from model import (ARCHS, TASKS, VARIANTS, ModelConfig, VLTransformer, build_model, is_backbone_key, is_head_key,
+                   load_vit_weights, shared_key, strip_prefixes)
 
 # ----------------------------------------------------------------------------------------------
 # Losses.
@@ -58,6 +59,9 @@ def itc_loss(image_emb, text_emb, logit_scale):
 
     image_emb, text_emb: (B, D) unit vectors. Returns the loss and the local (B, B) image-to-text
     similarities (detached) that ITM samples its hard negatives from."""
+    # float32 logits even under autocast: bf16 keeps ~3 significant digits, too few for a softmax over
+    # the global batch, and these similarities also pick ITM's hard negatives
+    image_emb, text_emb = image_emb.float(), text_emb.float()
     all_images, offset = gather_with_grad(image_emb)                  # (W·B, D)
     all_texts, _ = gather_with_grad(text_emb)
     scale = logit_scale.clamp(max=math.log(100)).exp()                # CLIP: temperature ≥ 0.01
@@ -114,23 +118,20 @@ class Objective(nn.Module):
 
     def pretrain(self, batch):
         m, mask = self.model, batch["attention_mask"]
-        text_mask = mask.bool()
-        # The lower N-M layers are shared by both routes: compute them once (Fig. 2b).
-        image_lower = m.lower(m.embed_image(batch["images"]), "v")             # (B, 1+P, D)
-        text_lower = m.lower(m.embed_text(batch["input_ids"]), "l", text_mask)  # (B, L, D)
-        # ITC on the retrieval route: the top M layers with the v / l experts.
-        image_emb, text_emb = m.itc_embed(m.upper(image_lower, "v"), m.upper(text_lower, "l", text_mask))
+        r = m.routes(batch["images"], batch["input_ids"], mask)  # both routes of Fig. 2b, lower layers once
+        # ITC on the retrieval route
+        image_emb, text_emb = m.itc_embed(r.image, r.text)
         itc, sim = itc_loss(image_emb, text_emb, m.logit_scale)
-        # ITM on the fusion route: positives, then a hard negative text / image for each pair.
+        # ITM on the fusion route: the positives (r.fused), then a hard negative text for each image and
+        # a hard negative image for each text, fused from the same lower-layer features
         neg_text, neg_image = sample_hard_negatives(sim), sample_hard_negatives(sim.T)
-        b = image_emb.shape[0]
-        fused = m.fuse(torch.cat([image_lower, image_lower, image_lower[neg_image]]),
-                       torch.cat([text_lower, text_lower[neg_text], text_lower]),
-                       torch.cat([mask, mask[neg_text], mask]))                 # (3B, 1+P+L, D)
-        itm = F.cross_entropy(m.itm_logits(fused).float(), itm_labels(b, fused.device))
-        # MLM on the fusion route, from the masked text.
-        mlm_lower = m.lower(m.embed_text(batch["mlm_input_ids"]), "l", text_mask)
-        mlm_fused = m.fuse(image_lower, mlm_lower, mask)
+        negatives = m.fuse(torch.cat([r.image_lower, r.image_lower[neg_image]]),
+                           torch.cat([r.text_lower[neg_text], r.text_lower]),
+                           torch.cat([mask[neg_text], mask]))                  # (2B, 1+P+L, D)
+        itm_logits = m.itm_logits(torch.cat([r.fused, negatives]))            # (3B, 2)
+        itm = F.cross_entropy(itm_logits.float(), itm_labels(len(mask), itm_logits.device))
+        # MLM on the fusion route, from the masked text
+        mlm_fused = m.fuse(r.image_lower, m.text_lower(batch["mlm_input_ids"], mask), mask)
         mlm = mlm_loss(m.mlm_logits(mlm_fused, mask.shape[1]), batch["mlm_labels"])
         loss = itc + itm + self.mlm_weight * mlm                                # Sec. 5
         return loss, {"itc": itc.detach(), "itm": itm.detach(), "mlm": mlm.detach()}
@@ -187,14 +188,12 @@ def evaluate_retrieval(model, dataset, collate, batch_size, autocast):
     for start in range(0, len(dataset.images), batch_size):
         images = collate.images(dataset.images[start:start + batch_size]).to(model_device(model))
         with autocast:
-            feats = model.encode_image(images)
-        image_embs.append(F.normalize(model.itc_image_proj(feats[:, 0]).float(), dim=-1))
+            image_embs.append(model.itc_image(model.encode_image(images)))
     for start in range(0, len(dataset.captions), batch_size):
         ids, mask = collate.texts(dataset.captions[start:start + batch_size])
         ids, mask = ids.to(model_device(model)), mask.to(model_device(model))
         with autocast:
-            feats = model.encode_text(ids, mask)
-        text_embs.append(F.normalize(model.itc_text_proj(feats[:, 0]).float(), dim=-1))
+            text_embs.append(model.itc_text(model.encode_text(ids, mask)))
     sim = torch.cat(image_embs) @ torch.cat(text_embs).T                     # (I, C)
     return recall_at_k(sim.cpu(), torch.as_tensor(dataset.caption_image))
 
@@ -282,22 +281,15 @@ def model_from_checkpoint(checkpoint: dict, task=None, **overrides) -> VLTransfo
     return VLTransformer(ModelConfig(**fields))
 
 
-# Heads of one task that another task neither needs nor has: dropped / freshly built on transfer.
-HEAD_PREFIXES = ("itc_", "logit_scale", "itm_head", "mlm_head", "pooler", "vqa_head", "nlvr2_head",
-                 "cls_", "seg_head")
-
-
 def transfer_weights(model: VLTransformer, source: dict, source_variant=None) -> list:
     """Initialize `model` from a checkpoint's state dict: the same variant, or a maa checkpoint
     expanded into every expert (the seed hand-over), or a timm ViT. Heads the source lacks stay as
     built; heads the target lacks are dropped; anything else missing or extra is an error naming
     the key. Returns the keys that were left freshly initialized."""
-    from model import strip_prefixes
     source = strip_prefixes(source)
     if "word_embed.weight" not in source:  # a plain image ViT (timm / BEiT converted)
         load_vit_weights(model, source)
-        return [k for k in model.state_dict() if k.split(".")[0] not in
-                ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")]
+        return [k for k in model.state_dict() if not is_backbone_key(k)]
     if source_variant not in (None, "maa", model.cfg.variant):
         raise ValueError(f"a {source_variant} checkpoint cannot initialize a {model.cfg.variant} model "
                          f"(merge it first with `vlmerge.py merge`, or initialize from a maa checkpoint)")
@@ -305,7 +297,7 @@ def transfer_weights(model: VLTransformer, source: dict, source_variant=None) ->
     for key, param in target.items():
         source_key = key if key in source else shared_key(key)
         if source_key not in source:
-            if not key.startswith(HEAD_PREFIXES):
+            if not is_head_key(key):
                 raise KeyError(f"checkpoint is missing key {source_key!r}")
             fresh.append(key)
             continue
@@ -314,7 +306,7 @@ def transfer_weights(model: VLTransformer, source: dict, source_variant=None) ->
                              f"vs {tuple(param.shape)} in the model (another arch, image size or vocab?)")
         target[key] = source[source_key]
         used.add(source_key)
-    extra = [k for k in source if k not in used and not k.startswith(HEAD_PREFIXES)]
+    extra = [k for k in source if k not in used and not is_head_key(k)]
     if extra:
         raise KeyError(f"unexpected key {extra[0]!r} in the checkpoint ({len(extra)} unexpected in all)")
     model.load_state_dict(target, strict=True)
@@ -368,21 +360,22 @@ class SkipSampler(torch.utils.data.Sampler):
         return len(self.sampler) - self.skip
 
 
-def batch_stream(dataset, collate, args, rank, world_size, start_step, device):
-    """Endless training batches; step s always gets the same batch, so a resumed run sees the
-    same data as an uninterrupted one. DistributedSampler shards and reshuffles per epoch."""
-    per_epoch = len(dataset) // (args.batch_size * world_size)
+def batch_stream(dataset, collate, args, micro, rank, world_size, start_step, device):
+    """Endless training micro-batches of `micro` samples; step s always gets the same batches, so a resumed
+    run sees the same data as an uninterrupted one. DistributedSampler shards and reshuffles per epoch."""
+    per_epoch = len(dataset) // (micro * world_size)
     if per_epoch == 0:
-        raise ValueError(f"dataset of {len(dataset)} samples is smaller than one global batch "
-                         f"({args.batch_size} x {world_size} ranks)")
+        raise ValueError(f"dataset of {len(dataset)} samples is smaller than one micro-batch on every rank "
+                         f"({micro} x {world_size} ranks)")
     epoch, skip = divmod(start_step * args.accum_steps, per_epoch)
     while True:
         sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
         sampler.set_epoch(epoch)
-        loader = DataLoader(dataset, args.batch_size, sampler=SkipSampler(sampler, skip * args.batch_size),
+        # the generator seeds the workers' RandAugment draws: distinct per rank and epoch
+        loader = DataLoader(dataset, micro, sampler=SkipSampler(sampler, skip * micro),
                             collate_fn=collate, num_workers=args.workers, drop_last=True,
                             pin_memory=device.type == "cuda", persistent_workers=False,
-                            generator=torch.Generator().manual_seed(args.seed + epoch))
+                            generator=torch.Generator().manual_seed(args.seed + 1_000_003 * rank + epoch))
         for batch in loader:
             yield to_device(batch, device)
         epoch, skip = epoch + 1, 0
@@ -399,27 +392,80 @@ def model_device(model):
 # ----------------------------------------------------------------------------------------------
 # The run.
 
+# Defaults come in two profiles. QUICK (no flag) is the card's `train.py --arch vit_tiny`: a pre-training
+# stage on the synthetic world that finishes in minutes on a laptop CPU (the tiny recipe's shapes). PAPER
+# (`--paper`) is Sec. 5 for pre-training and Table 6 for fine-tuning. A flag given on the command line always
+# wins; `resolve_defaults` fills the rest from the profile, so every default has one home and says whose it is.
+SHAPES = {
+    "quick": dict(image_size=32, patch_size=8, depth=4, fusion_layers=2, max_len=40),
+    "paper": dict(image_size=224, patch_size=16, depth=12, fusion_layers=2, max_len=40),  # Sec. 3, 5
+}
+SCHEDULES = {  # global batch (summed over ranks and accumulation steps); warmup None = 10% of the steps
+    "quick": {"pretrain": dict(steps=500, batch_size=64, lr=5e-4, warmup=50),
+              "finetune": dict(steps=300, batch_size=64, lr=5e-4, warmup=None)},
+    "paper": {"pretrain": dict(steps=200_000, batch_size=1024, lr=2e-4, warmup=2500),        # Sec. 5
+              # Table 6 (epochs become steps once the data is loaded); retrieval = COCO's row
+              # (Flickr30k's: --lr 6.25e-7 --batch-size 128 --epochs 40)
+              "vqa": dict(image_size=480, lr=3e-5, batch_size=128, epochs=10, warmup=None),
+              "retrieval": dict(image_size=384, lr=6.25e-6, batch_size=640, epochs=20, warmup=None),
+              "nlvr2": dict(image_size=384, lr=5e-5, batch_size=128, epochs=10, warmup=None),
+              # not in Table 6 (the paper fine-tunes these with BEiT's code): our choice, see README
+              "cls": dict(image_size=224, lr=5e-4, batch_size=1024, epochs=100, warmup=None),
+              "seg": dict(image_size=512, lr=1e-4, batch_size=16, steps=160_000, warmup=None)},
+}
+
+
+def profile_defaults(paper: bool, task: str) -> dict:
+    """Every profile-dependent default for `task`: shapes, then the schedule (which may set the image size)."""
+    name = "paper" if paper else "quick"
+    schedule = SCHEDULES[name].get(task) or SCHEDULES[name]["finetune"]
+    return {"arch": "vit_base" if paper else "vit_tiny", "epochs": None, **SHAPES[name], **schedule}
+
+
+def resolve_defaults(args):
+    """Fill every flag left unset (None) from the profile --paper chooses."""
+    for key, value in profile_defaults(args.paper, args.task).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q, pp = SCHEDULES["quick"]["pretrain"], SCHEDULES["paper"]["pretrain"]
+    # -- what to train
     p.add_argument("--task", default="pretrain", choices=TASKS)
-    p.add_argument("--arch", default="vit_tiny", choices=list(ARCHS), help="backbone (Sec. 5: vit_base; Sec. 6.5: vit_tiny)")
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's settings (Sec. 5: vit_base, 224 px, batch 1024, 200k steps, 2500 warm-up, "
+                        "lr 2e-4; Table 6 for fine-tuning) instead of the quick synthetic-world run")
+    p.add_argument("--arch", default=None, choices=list(ARCHS), help="backbone (quick: vit_tiny; --paper: vit_base)")
     p.add_argument("--variant", default="msa", choices=VARIANTS, help="Sec. 3 / Fig. 1 architecture")
     p.add_argument("--init", default=None, help="timm ViT state dict, a maa checkpoint (seed hand-over), or a "
                                                 "checkpoint of this variant (fine-tuning)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt where it stopped")
-    p.add_argument("--steps", type=int, default=200_000, help="optimizer steps (Sec. 5: 200k)")
-    p.add_argument("--batch-size", type=int, default=1024, help="per-rank batch (Sec. 5: 1024 in all)")
+    # -- schedule (defaults: quick / --paper)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps (quick: {q['steps']}; --paper: {pp['steps']}, Sec. 5)")
+    p.add_argument("--epochs", type=float, default=None,
+                   help="train this many passes over the data instead of --steps (--paper fine-tuning: Table 6)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"GLOBAL batch, split over ranks and --accum-steps (quick: {q['batch_size']}; "
+                        f"--paper: {pp['batch_size']}, Sec. 5)")
     p.add_argument("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (Sec. 5: 2e-4)")
-    p.add_argument("--warmup", type=int, default=2500, help="warmup steps (Sec. 5: 2500), at most 10%% of --steps")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (quick: {q['lr']}; --paper: {pp['lr']})")
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"linear warm-up steps, at most 10%% of --steps (quick: {q['warmup']}; --paper: "
+                        f"{pp['warmup']}, Sec. 5; fine-tuning: 10%% of the steps)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip-grad", type=float, default=1.0, help="max gradient norm (0: off)")
     p.add_argument("--mlm-weight", type=float, default=0.25, help="Sec. 5: 0.25 for MLM")
-    p.add_argument("--image-size", type=int, default=224, help="Sec. 5: 224")
-    p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--depth", type=int, default=12, help="N layers (Sec. 3: 12)")
-    p.add_argument("--fusion-layers", type=int, default=2, help="M top layers with VL experts (Sec. 3: 2)")
-    p.add_argument("--max-len", type=int, default=40, help="text tokens (Sec. 5: 40)")
+    # -- shapes (defaults: quick / --paper)
+    p.add_argument("--image-size", type=int, default=None, help="quick: 32; --paper: 224 (Sec. 5), Table 6 per task")
+    p.add_argument("--patch-size", type=int, default=None, help="quick: 8; --paper: 16")
+    p.add_argument("--depth", type=int, default=None, help="N layers (quick: 4; --paper: 12, Sec. 3)")
+    p.add_argument("--fusion-layers", type=int, default=None, help="M top layers with VL experts (Sec. 3: 2)")
+    p.add_argument("--max-len", type=int, default=None, help="text tokens (Sec. 5: 40)")
+    # -- data
     p.add_argument("--data", default="synthetic", help="'synthetic' or a real-format file (.jsonl / Karpathy .json "
                                                        "/ VQA questions .json / NLVR2 .jsonl)")
     p.add_argument("--eval-data", default=None, help="Karpathy JSON whose 'val' split scores pre-training")
@@ -448,6 +494,140 @@ def build_parser():
     return p
 
 
+def run(argv=None) -> dict:
+    """`train.py` itself: the flags -> data, model (fresh or --init) -> `fit`. Returns the final metrics."""
+    args = parse_args(argv)
+    train_set, eval_set, tokenizer, sizes = make_data(args, args.task)
+    torch.manual_seed(args.seed)  # fresh weights (and heads new to a task) follow --seed, the same on every rank
+    model = model_from_args(args, vocab_size=len(tokenizer), **sizes)
+    if args.init:
+        ckpt = load_checkpoint(args.init)
+        check_arch(ckpt, args, args.init, same_variant=False)
+        transfer_weights(model, ckpt["model"], ckpt.get("variant"))
+    return fit(args, model, train_set, eval_set, tokenizer)
+
+
+def parse_args(argv=None):
+    """The flags, with the profile's defaults filled in and checked."""
+    args = resolve_defaults(build_parser().parse_args(argv))
+    check_args(args)
+    return args
+
+
+def fit(args, model, train_set, eval_set=None, tokenizer=None) -> dict:
+    """Train `model` in place on `train_set` as `args` say, then evaluate on `eval_set` (rank 0).
+
+    The one training loop of the project: train.py, every recipe stage and every expert of the temporal
+    grid go through it. Each call starts a fresh AdamW and a fresh warm-up + cosine schedule (or resumes
+    both from OUT/ckpt.pt with --resume). Writes OUT/{args.json, log.jsonl, ckpt.pt, metrics.json}."""
+    started = time.time()
+    rank, world, device = setup_distributed(args)
+    master = rank == 0
+    torch.manual_seed(args.seed + rank)  # each rank its own stream: its own hard negatives, its own dropout
+    random.seed(args.seed + rank)
+    if args.epochs:
+        args.steps = max(1, math.ceil(args.epochs * len(train_set) / args.batch_size))
+    micro = micro_batch_size(args, world)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    model.to(device)
+    collate_train, collate_eval = collators(args, tokenizer or data.SyntheticWorld().tokenizer())
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    if args.eval_only:
+        return finish(model, args, eval_set, collate_eval, autocast, master, 0, started)
+
+    objective = Objective(model, args.mlm_weight).to(device)
+    resumed = load_resume(args, model, ckpt_path)
+    start = resumed["step"] if resumed else 0
+    with autocast, out_of_memory_hint(args, micro, world):
+        probe = next(batch_stream(train_set, collate_train, args, micro, rank, world, 0, device))
+        frozen = freeze_unused(objective, probe)
+    optimizer, scheduler, scaler = make_optimizer(args, model, device)
+    if resumed:
+        for name, thing in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+            thing.load_state_dict(resumed[name])
+        set_rng_state(rank_rng_state(resumed["rng"], rank, world, ckpt_path))
+    if master:
+        write_json(os.path.join(args.out, "args.json"), vars(args) | {"frozen_parameters": len(frozen)})
+    runner = torch.compile(objective) if args.compile else objective
+    if world > 1:
+        runner = DDP(runner, device_ids=[device.index] if device.type == "cuda" else None)
+    stream = batch_stream(train_set, collate_train, args, micro, rank, world, start, device)
+
+    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    bar = tqdm(total=args.steps, initial=start, disable=not master or args.quiet, desc=f"{args.task} {args.variant}")
+    meter = Meter()
+    for step in range(start + 1, args.steps + 1):  # `step` = optimizer steps done after this iteration
+        last_step = step == args.steps
+        train_step(runner, stream, optimizer, scheduler, scaler, autocast, args, meter)
+        if step % args.log_every == 0 or last_step:
+            record = meter.flush(step, scheduler.get_last_lr()[0], world)  # the only host sync
+            if master:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
+        bar.update(1)
+        if args.eval_every and step % args.eval_every == 0 and not last_step and master and eval_set is not None:
+            metrics = evaluate(model, args.task, eval_set, collate_eval, args.eval_batch_size, autocast)
+            log.write(json.dumps({"step": step, "eval": metrics}) + "\n")
+        if step % args.save_every == 0 or last_step or step in args.keep_at:
+            rngs = gather_rng_states(world)  # every rank's own, so a resume restores each rank's stream
+            if master:
+                checkpoint = checkpoint_dict(model, args, step, optimizer, scheduler, scaler, rngs)
+                save_checkpoint(ckpt_path, checkpoint)
+                if step in args.keep_at:
+                    save_checkpoint(snapshot_path(args.out, step), checkpoint)
+            barrier()
+    bar.close()
+    if log:
+        log.close()
+    return finish(model, args, eval_set, collate_eval, autocast, master, args.steps, started)
+
+
+def train_step(runner, stream, optimizer, scheduler, scaler, autocast, args, meter):
+    """One optimizer step over --accum-steps micro-batches."""
+    ddp = isinstance(runner, DDP)
+    for micro in range(args.accum_steps):
+        batch = next(stream)
+        # DDP: all-reduce gradients only on the last micro-step. ITC negatives come from this micro-batch.
+        sync = micro == args.accum_steps - 1 or not ddp
+        with (contextlib.nullcontext() if sync else runner.no_sync()), autocast:
+            loss, parts = runner(batch)
+        # Gradients add up over micro-steps; dividing makes them the gradient of the mean over the whole
+        # batch, the same as one step on the full batch (a test checks this).
+        scaler.scale(loss / args.accum_steps).backward()
+        meter.add({"loss": loss.detach(), **parts}, args.accum_steps, batch["images"].shape[0])
+    if args.clip_grad > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], args.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+
+
+class Meter:
+    """Running sums of the logged losses, kept on the device until `flush` (no per-step host sync)."""
+
+    def __init__(self):
+        self.sums, self.steps, self.samples, self.t0 = {}, 0.0, 0, time.time()
+
+    def add(self, parts, accum_steps, samples):
+        for k, v in parts.items():
+            self.sums[k] = self.sums.get(k, 0) + v / accum_steps
+        self.steps += 1 / accum_steps
+        self.samples += samples
+
+    def flush(self, step, lr, world) -> dict:
+        record = reduce_logs(self.sums, round(self.steps))
+        record |= {"step": step, "lr": lr, "samples_per_s": self.samples * world / (time.time() - self.t0)}
+        self.__init__()
+        return record
+
+
+# -- the pieces of `fit`, in the order it uses them -----------------------------------------------
+
 def setup_distributed(args):
     """DDP in a few lines, keyed on torchrun's RANK: NCCL on GPU, gloo on CPU."""
     if "RANK" not in os.environ:
@@ -462,13 +642,48 @@ def setup_distributed(args):
     return rank, dist.get_world_size(), device
 
 
-def lr_lambda(warmup, steps):
-    """Linear warmup to the peak, then cosine decay to zero."""
-    def f(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
-    return f
+def micro_batch_size(args, world: int) -> int:
+    """--batch-size is the global batch (Sec. 5: 1024 in all): each rank runs batch / (ranks · accum) per micro-step."""
+    share = world * args.accum_steps
+    if args.batch_size % share:
+        raise ValueError(f"--batch-size {args.batch_size} does not split over {world} rank(s) x "
+                         f"--accum-steps {args.accum_steps}: give a multiple of {share}")
+    return args.batch_size // share
+
+
+def collators(args, tokenizer):
+    # RandAugment (Sec. 5) on real photos; not on the synthetic world, whose captions name exact colours
+    # and quadrants that solarize / translate would falsify. MLM masks follow --seed.
+    augment = args.randaugment == "on" or (args.randaugment == "auto" and args.data != "synthetic")
+    train_collate = data.Collator(tokenizer, max_len=args.max_len, image_size=args.image_size, train=True,
+                                  mlm_prob=0.15, randaugment=augment, seed=args.seed)
+    eval_collate = data.Collator(tokenizer, max_len=args.max_len, image_size=args.image_size, train=False)
+    return train_collate, eval_collate
+
+
+def load_resume(args, model, ckpt_path):
+    """--resume: OUT/ckpt.pt's weights into `model`; the checkpoint (for optimizer, schedule, RNG) or None."""
+    if not args.resume:
+        return None
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"--resume: {ckpt_path} does not exist")
+    ckpt = load_checkpoint(ckpt_path)
+    check_arch(ckpt, args, ckpt_path, same_variant=True)
+    model.load_state_dict(ckpt["model"], strict=True)
+    return ckpt
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(args, micro, world):
+    """A batch that does not fit stops with the numbers to change, not a bare CUDA trace."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise MemoryError(
+            f"out of GPU memory in the first step: {micro} samples per rank per micro-step (--batch-size "
+            f"{args.batch_size} over {world} rank(s) x --accum-steps {args.accum_steps}) at --image-size "
+            f"{args.image_size}. Raise --accum-steps (same global batch, less memory), or lower --batch-size "
+            f"or --image-size") from None
 
 
 def freeze_unused(objective, batch):
@@ -485,11 +700,50 @@ def freeze_unused(objective, batch):
     return frozen
 
 
+def make_optimizer(args, model, device):
+    """AdamW (β2 = 0.98, as BEiT / VLMo) without decay on biases, norms and the temperature; linear warm-up
+    then cosine decay to zero; a GradScaler that only acts under fp16."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), fused=device.type == "cuda")
+    warmup = args.steps // 10 if args.warmup is None else min(args.warmup, args.steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, args.steps))
+    return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+
+
+def lr_lambda(warmup, steps):
+    """Linear warmup to the peak, then cosine decay to zero."""
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+    return f
+
+
 def rng_state():
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def gather_rng_states(world):
+    """[rank 0's RNG state, rank 1's, ...] (a collective: every rank calls it)."""
+    if world == 1:
+        return [rng_state()]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def rank_rng_state(states, rank, world, path):
+    """This rank's RNG state from a checkpoint's list (an old single-state checkpoint serves every rank)."""
+    if isinstance(states, dict):
+        return states
+    if len(states) != world:
+        raise ValueError(f"{path} was written by {len(states)} rank(s); resume it with the same number, not {world}")
+    return states[rank]
 
 
 def set_rng_state(state):
@@ -501,10 +755,16 @@ def set_rng_state(state):
 
 def check_args(args):
     for flag in ("steps", "batch_size", "accum_steps", "save_every", "log_every"):
+        if flag == "steps" and args.epochs:  # set from the data size in `fit`
+            continue
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.lr <= 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.epochs is not None and args.epochs <= 0:
+        raise ValueError(f"--epochs must be positive, got {args.epochs}")
+    if args.keep_at and args.epochs:
+        raise ValueError("--keep-at names steps: give --steps, not --epochs")
     if any(not 0 < k <= args.steps for k in args.keep_at):
         raise ValueError(f"--keep-at {args.keep_at}: every step must lie in 1..--steps ({args.steps})")
     if args.resume and args.init:
@@ -520,149 +780,22 @@ def model_from_args(args, vocab_size, **sizes) -> VLTransformer:
                        max_text_len=args.max_len, **sizes)
 
 
-def build_run(args, rank, device):
-    """Model (fresh, --init, or --resume), datasets, collators."""
-    train_set, eval_set, tokenizer, sizes = make_data(args, args.task)
-    model = model_from_args(args, vocab_size=len(tokenizer), **sizes)
-    if args.init:
-        ckpt = load_checkpoint(args.init)
-        check_arch(ckpt, args, args.init, same_variant=False)
-        transfer_weights(model, ckpt["model"], ckpt.get("variant"))
-    # RandAugment (Sec. 5) on real photos; not on the synthetic world, whose captions name exact colours
-    # and quadrants that solarize / translate would falsify.
-    augment = args.randaugment == "on" or (args.randaugment == "auto" and args.data != "synthetic")
-    collate_train = data.Collator(tokenizer, max_len=args.max_len, image_size=args.image_size, train=True,
-                                  mlm_prob=0.15, randaugment=augment)
-    collate_eval = data.Collator(tokenizer, max_len=args.max_len, image_size=args.image_size, train=False)
-    return model.to(device), train_set, eval_set, collate_train, collate_eval
-
-
 def check_arch(ckpt, args, path, same_variant):
     for field in ("arch",) + (("variant", "task") if same_variant else ()):
         if field in ckpt and ckpt[field] != getattr(args, field):
             raise ValueError(f"checkpoint {path} is {field} {ckpt[field]!r}, but --{field} is {getattr(args, field)!r}")
 
 
-def checkpoint_dict(model, args, step, optimizer, scheduler, scaler):
+def checkpoint_dict(model, args, step, optimizer, scheduler, scaler, rngs):
     return {"model": model.state_dict(), "config": dataclasses.asdict(model.cfg), "arch": args.arch,
             "variant": model.cfg.variant, "task": model.cfg.task, "step": step,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": rng_state(), "args": vars(args)}
+            "scaler": scaler.state_dict(), "rng": rngs, "args": vars(args)}
 
 
 def print_table(metrics: dict, title: str):
     rows = "\n".join(f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
     print(f"\n**{title}**\n\n| metric | value |\n|---|---|\n{rows}\n")
-
-
-def run(argv=None) -> dict:
-    """Train and/or evaluate as the flags say; returns the final metrics (rank 0)."""
-    args = build_parser().parse_args(argv)
-    args.started = time.time()
-    check_args(args)
-    rank, world_size, device = setup_distributed(args)
-    master = rank == 0
-    torch.manual_seed(args.seed + rank)
-    random.seed(args.seed + rank)
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-
-    model, train_set, eval_set, collate_train, collate_eval = build_run(args, rank, device)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    if args.eval_only:
-        return finish(model, args, eval_set, collate_eval, autocast, master, step=0)
-
-    objective = Objective(model, args.mlm_weight).to(device)
-    stream = None
-    start = 0
-    if args.resume:
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f"--resume: {ckpt_path} does not exist")
-        ckpt = load_checkpoint(ckpt_path)
-        check_arch(ckpt, args, ckpt_path, same_variant=True)
-        model.load_state_dict(ckpt["model"], strict=True)
-        start = ckpt["step"]
-    probe = next(batch_stream(train_set, collate_train, args, rank, world_size, 0, device))
-    with autocast:
-        frozen = freeze_unused(objective, probe)
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]  # biases, norms, temperature: no weight decay
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98),
-                                  fused=device.type == "cuda")
-    warmup = min(args.warmup, args.steps // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, args.steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    if args.resume:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-    if master:
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump({k: v for k, v in vars(args).items() if k != "started"} | {"frozen_parameters": len(frozen)},
-                      f, indent=1)
-    train_objective = torch.compile(objective) if args.compile else objective
-    if world_size > 1:
-        train_objective = DDP(train_objective, device_ids=[device.index] if device.type == "cuda" else None)
-    stream = batch_stream(train_set, collate_train, args, rank, world_size, start, device)
-    train_loop(args, model, train_objective, optimizer, scheduler, scaler, stream, autocast, start, master,
-               ckpt_path, eval_set, collate_eval)
-    return finish(model, args, eval_set, collate_eval, autocast, master, step=args.steps)
-
-
-def train_loop(args, model, objective, optimizer, scheduler, scaler, stream, autocast, start, master,
-               ckpt_path, eval_set, collate_eval):
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
-    bar = tqdm(total=args.steps, initial=start, disable=not master or args.quiet, desc=f"{args.task} {args.variant}")
-    parts_sum, n_logged, t0, samples = {}, 0, time.time(), 0
-    for step in range(start, args.steps):
-        for micro in range(args.accum_steps):
-            batch = next(stream)
-            # DDP: sync gradients only on the last micro-step. ITC negatives come from this micro-batch only.
-            sync = micro == args.accum_steps - 1 or not isinstance(objective, DDP)
-            with (contextlib.nullcontext() if sync else objective.no_sync()), autocast:
-                loss, parts = objective(batch)
-            # Gradients add up over micro-steps; dividing makes them the mean over the whole batch.
-            scaler.scale(loss / args.accum_steps).backward()
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0) + v / args.accum_steps
-            parts_sum["loss"] = parts_sum.get("loss", 0) + loss.detach() / args.accum_steps
-            samples += batch["images"].shape[0]
-        if args.clip_grad > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        n_logged += 1
-        done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
-            record = reduce_logs(parts_sum, n_logged)  # the only host sync: every --log-every steps
-            record |= {"step": done, "lr": scheduler.get_last_lr()[0],
-                       "samples_per_s": samples * dist_world() / (time.time() - t0)}
-            if master:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{record['samples_per_s']:.0f}")
-            parts_sum, n_logged, t0, samples = {}, 0, time.time(), 0
-        bar.update(1)
-        if args.eval_every and done % args.eval_every == 0 and done < args.steps and master and eval_set is not None:
-            log.write(json.dumps({"step": done, "eval": evaluate(model, args.task, eval_set, collate_eval,
-                                                                 args.eval_batch_size, autocast)}) + "\n")
-        if done % args.save_every == 0 or done == args.steps or done in args.keep_at:
-            if master:
-                checkpoint = checkpoint_dict(model, args, done, optimizer, scheduler, scaler)
-                save_checkpoint(ckpt_path, checkpoint)
-                if done in args.keep_at:
-                    save_checkpoint(snapshot_path(args.out, done), checkpoint)
-            barrier()
-    bar.close()
-    if log:
-        log.close()
 
 
 def snapshot_path(out, step):
@@ -692,13 +825,13 @@ def barrier():
         dist.barrier()
 
 
-def finish(model, args, eval_set, collate_eval, autocast, master, step):
+def finish(model, args, eval_set, collate_eval, autocast, master, step, started):
     """Evaluate on rank 0, print a Markdown table, write metrics.json (atomically)."""
     metrics = {}
     if master and eval_set is not None:
         metrics = evaluate(model, args.task, eval_set, collate_eval, args.eval_batch_size, autocast)
         metrics["step"] = step
-        metrics["seconds"] = time.time() - args.started  # wall time of this run, evaluation included
+        metrics["seconds"] = time.time() - started  # wall time of this run, evaluation included
         write_json(os.path.join(args.out, "metrics.json"), metrics)
         if not args.quiet:
             print_table(metrics, f"{args.task} · {args.variant} · {args.out}")
@@ -709,7 +842,7 @@ def finish(model, args, eval_set, collate_eval, autocast, master, step):
 def main(argv=None):
     try:
         run(argv)
-    except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, KeyError, FileNotFoundError, FloatingPointError, MemoryError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

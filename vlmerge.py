@@ -221,14 +221,9 @@ def metric_or_none(metric, a, b):
 # Merging a checkpoint file (the `merge` command and recipe stage 3).
 
 def modality_forward(model, batch):
-    """Every expert sees its own modality: images -> v, text -> l, the pair -> vl (Fig. 2b).
-    This is the forward whose linear inputs RegMean's Gram matrices are collected from."""
-    mask = batch["attention_mask"]
-    image_lower = model.lower(model.embed_image(batch["images"]), "v")
-    text_lower = model.lower(model.embed_text(batch["input_ids"]), "l", mask.bool())
-    model.upper(image_lower, "v")
-    model.upper(text_lower, "l", mask.bool())
-    model.fuse(image_lower, text_lower, mask)
+    """RegMean's Gram forward: both routes of Fig. 2b, so every expert sees its own modality's inputs
+    (images -> v, text -> l, the pair -> vl). The same method pre-training runs (model.routes)."""
+    model.routes(batch["images"], batch["input_ids"], batch["attention_mask"])
 
 
 def gram_batches(checkpoint, n_batches, batch_size, world_seed=0):
@@ -297,8 +292,8 @@ class Recipe:
             return json.load(f)
 
     def batch(self):
-        """The preset's batch is global (Sec. 5: 1024); under torchrun each rank takes its share."""
-        return str(max(1, self.p.batch_size // int(os.environ.get("WORLD_SIZE", 1))))
+        """The preset's batch is global (Sec. 5: 1024); train.py splits it over the ranks under torchrun."""
+        return str(self.p.batch_size)
 
     def ckpt(self, name):
         return os.path.join(self.out, name, "ckpt.pt")

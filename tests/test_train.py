@@ -283,3 +283,45 @@ def test_nan_loss_stops_with_clear_error_and_no_checkpoint(tmp_path):
                           "--out", out, "--precision", "fp32"])
     assert not os.path.exists(os.path.join(out, "ckpt.pt"))
     assert not any(name.endswith(".tmp") for name in os.listdir(out))
+
+
+# --- defaults: the card's command is a quick run; --paper is Sec. 5 / Table 6 ------------------------
+
+def test_the_cards_command_resolves_to_a_quick_run():
+    args = train.parse_args(["--arch", "vit_tiny"])
+    assert (args.image_size, args.patch_size, args.depth, args.max_len) == (32, 8, 4, 40)
+    assert (args.batch_size, args.steps, args.lr) == (64, 500, 5e-4)
+    assert args.warmup <= args.steps // 10 and args.data == "synthetic"
+    # the budget: steps x global batch stays in the thousands of samples a 2-core CPU does in minutes
+    assert args.steps * args.batch_size <= 50_000
+    finetune = train.parse_args(["--task", "vqa"])
+    assert (finetune.steps, finetune.batch_size, finetune.image_size, finetune.warmup) == (300, 64, 32, None)
+
+
+def test_paper_flag_resolves_to_section_5_and_table_6():
+    args = train.parse_args(["--paper"])
+    assert (args.arch, args.image_size, args.patch_size, args.depth, args.fusion_layers, args.max_len) == \
+        ("vit_base", 224, 16, 12, 2, 40)
+    assert (args.batch_size, args.steps, args.warmup, args.lr) == (1024, 200_000, 2500, 2e-4)
+    vqa = train.parse_args(["--paper", "--task", "vqa"])   # Table 6: 480 px, 3e-5, batch 128, 10 epochs
+    assert (vqa.image_size, vqa.lr, vqa.batch_size, vqa.epochs) == (480, 3e-5, 128, 10)
+    nlvr2 = train.parse_args(["--paper", "--task", "nlvr2"])
+    assert (nlvr2.image_size, nlvr2.lr, nlvr2.batch_size, nlvr2.epochs) == (384, 5e-5, 128, 10)
+    coco = train.parse_args(["--paper", "--task", "retrieval"])
+    assert (coco.image_size, coco.lr, coco.batch_size, coco.epochs) == (384, 6.25e-6, 640, 20)
+    # a flag on the command line beats the profile
+    assert train.parse_args(["--paper", "--batch-size", "256", "--image-size", "64"]).batch_size == 256
+
+
+def test_batch_size_is_global_and_split_over_ranks_and_accumulation():
+    args = train.parse_args(["--batch-size", "64", "--accum-steps", "4"])
+    assert train.micro_batch_size(args, world=2) == 8
+    with pytest.raises(ValueError, match="--batch-size 60 does not split over 2 rank"):
+        train.micro_batch_size(train.parse_args(["--batch-size", "60", "--accum-steps", "4"]), world=2)
+
+
+def test_epochs_become_steps_from_the_data_size(tmp_path):
+    out = str(tmp_path / "run")
+    train.run(TINY + ["--epochs", "0.01", "--batch-size", "32", "--out", out, "--precision", "fp32"])
+    # 0.01 epochs of the 100 000 pre-training captions at batch 32 -> ceil(1000 / 32) = 32 steps
+    assert train.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 32
