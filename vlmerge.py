@@ -554,7 +554,8 @@ def section_fig3(r):
     rows = [[fmt(p["frac"]), p["steps"], pm(p["before"]), pm(p["after"]), pm(p["drop"])]
             for p in r["over_seeds"]["fig3"]]
     return "## Fig. 3 — the length of seed pre-training (zero-shot retrieval, merged by interpolation α = 0.5)\n\n" + \
-        table(["K_seed / K", "K_seed steps", "msa before merging", "after merging", "drop"], rows) + seeds_note(r)
+        table(["K_seed / K", "K_seed steps", "msa before merging", "after merging", "drop"], rows) + \
+        ("\n\n" + seeds_note(r).strip() if seeds_note(r) else "")
 
 
 def section_table2(r):
