@@ -43,6 +43,7 @@ The six tasks, each with train / val / test splits (sizes `train_size`, `val_siz
     retrieval  the same, as a COCO-like split: `dataset.images` (every scene's image, uint8, by index or
                slice), `dataset.captions` (every caption, in sample order) and `dataset.caption_image`
                (for caption k, the index of its image in `dataset.images`; also the sample's "image_id").
+               Val and test are *unambiguous* (below): a caption is true of its own image only.
     vqa        1–3 objects; the question type (6 kinds) and then the answer are drawn uniformly *first* and
                the scene is built to fit, so the question alone does not tell the answer. Ten annotators
                answer, each correctly with p = 0.9, else with another answer of the same type; the target is
@@ -57,8 +58,28 @@ The six tasks, each with train / val / test splits (sizes `train_size`, `val_siz
 Splits are disjoint twice over. Each (seed, task, split, index) has its own random stream, so a sample is
 made on demand from its index alone (datasets are lazy, indexable, deterministic per index — what a
 DistributedSampler needs). And a scene's *layout* — the set of (cell, shape, color, size) — belongs to one
-split by a hash (crc32 mod 10: 0 → val, 1 → test, else train); samples are redrawn until their layout (for
-nlvr2 the pair's) hashes to their split. So no val/test layout is ever seen in training, by any task.
+split by a hash (crc32 mod 10: 0 → val, 1 → test, else train); samples are redrawn until the layout of every
+scene they show (both scenes of an nlvr2 pair, each on its own) hashes to their split. So no val/test layout
+is ever seen in training, by any task.
+
+**Unambiguous retrieval.** Random scenes repeat, and a caption that leaves out sizes or positions is often
+true of other scenes too: in a 1 000-image test split drawn scene by scene, 78 images shared their layout
+with another, and of its 5 000 captions 965 were true of another image (516 even as a complete description of
+it), so R@1 had a ceiling below 100 and the same noise for every model. We chose to fix the data, not the
+metric (which stays one right image per caption, as COCO's): each caption comes with a `Claim` — the
+(shape, color, size or None, cell or None) it mentions and the relations it states — and a val / test split
+of pretrain / retrieval is built in order (`_unambiguous`), redrawing scene j until its layout is new, none of
+its captions holds on an earlier scene and no earlier caption holds on it (`_claim_holds`: literal truth,
+extra objects allowed). So every retrieval hit and miss is a real one. The train split stays lazy and per
+index: ITC may still meet a false negative there.
+
+**Text length.** With [CLS] and [SEP], a caption is 9–31 tokens (median 20; a quarter of the captions are over
+24: three objects, each with its size and position, take 26 words, "an image of" 3 more), a VQA question
+8–12, an NLVR2 statement 7–14. The synthetic presets use max_len 32, so nothing is ever cut. We chose the
+longer text over shorter templates because what would have to go (sizes and positions of 3-object scenes) is
+what retrieval must tell apart; the cost, measured on the tiny preset's pre-training step (batch 64, 1
+thread, bf16): 0.69 s at 32 tokens vs 0.62 s at 24 (+11%). Real text longer than max_len is cut at the end;
+the Collator then warns once, with the count so far, and keeps counting in `Collator.truncated`.
 
 **The task stream** (merging over time, Dziadzio et al. 2025; `TaskStream`). A class is a (colour, shape)
 *concept*. The base world (`SyntheticWorld(colors=...)`) shows only red and blue; the stream's concepts — the
@@ -80,13 +101,14 @@ docstring for how its randomness stays reproducible across workers and ranks.
 """
 
 import functools
+import itertools
 import json
 import random
 import re
 import unicodedata
 import warnings
 import zlib
-from collections import Counter, namedtuple
+from collections import Counter, defaultdict, namedtuple
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,9 +242,13 @@ class Tokenizer:
 
         Text of more than max_len − 2 tokens is truncated at the end; [SEP] always closes the sequence.
         """
+        return self.encode_tokens(self.tokenize(text), max_len)
+
+    def encode_tokens(self, tokens, max_len=40):
+        """`encode` of already tokenized text (the Collator tokenizes once to count what is cut)."""
         if max_len < 2:
             raise ValueError(f"max_len {max_len}: needs room for [CLS] and [SEP]")
-        tokens = self.tokenize(text)[: max_len - 2]
+        tokens = tokens[: max_len - 2]
         ids = [self.cls_id, *(self.vocab.get(t, self.unk_id) for t in tokens), self.sep_id]
         padding = max_len - len(ids)
         return torch.tensor(ids + [self.pad_id] * padding), torch.tensor([1] * len(ids) + [0] * padding)
@@ -257,6 +283,8 @@ _TEMPLATE_WORDS = ("a an the there is are image images of at in and , ? what col
 
 Obj = namedtuple("Obj", "shape color size cell dx dy")  # attribute indices, cell 0–3, jitter (image fractions)
 Scene = namedtuple("Scene", "objects background noise_seed")
+# what a caption states: mentions ((shape, color, size or None, cell or None), ...), relations ((i, rel, k), ...)
+Claim = namedtuple("Claim", "mentions relations")
 
 # inside-tests in units of the radius: (u, v) is a pixel's offset from the centre, v pointing down
 _INSIDE = (
@@ -307,17 +335,18 @@ def _layout(objects):
     return bytes(codes)
 
 
-def _split_of(groups):
-    """The split a layout (or a pair of layouts) belongs to: crc32 mod 10, 0 → val, 1 → test, else train."""
-    bucket = zlib.crc32(b"".join(_layout(objects) for objects in groups)) % 10
+def _split_of(objects):
+    """The split a scene's layout belongs to: crc32 mod 10, 0 → val, 1 → test, else train."""
+    bucket = zlib.crc32(_layout(objects)) % 10
     return SPLITS[{0: 1, 1: 2}.get(bucket, 0)]
 
 
 def _redraw(split, draw):
-    """Call draw() → (list of object lists, text) until it succeeds (not None) with layouts in `split`."""
+    """Call draw() → (list of object lists, text) until it succeeds (not None) with every layout in `split`
+    (each scene of an NLVR2 pair on its own: a pair is in a split only if both its scenes are)."""
     for _ in range(100_000):
         drawn = draw()
-        if drawn is not None and _split_of(drawn[0]) == split:
+        if drawn is not None and all(_split_of(objects) == split for objects in drawn[0]):
             return drawn
     raise RuntimeError(f"no draw landed in split {split!r}: the draw function cannot succeed")
 
@@ -394,9 +423,12 @@ def _a(phrase):
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _describe(rng, obj):
-    size = f"{SIZES[obj.size]} " if rng.random() < 0.5 else ""
-    return _a(size + _name(obj))
+def _describe(rng, obj, cell=None):
+    """The phrase naming obj (its size half of the time) and the mention it makes: (shape, color, size or
+    None, cell or None), the attributes a reader can check."""
+    size = obj.size if rng.random() < 0.5 else None
+    phrase = _a(("" if size is None else f"{SIZES[size]} ") + _name(obj))
+    return phrase, (obj.shape, obj.color, size, cell)
 
 
 def _join(parts):
@@ -404,14 +436,36 @@ def _join(parts):
 
 
 def _caption(rng, objects):
-    """One caption: every object with its position, or a relation between two and positions for the rest."""
+    """One caption and its Claim: every object with its position, or a relation between two and positions for
+    the rest."""
     objects = rng.sample(objects, len(objects))  # the order of mention is free
-    parts = []
+    parts, mentions, relations = [], [], []
     if len(objects) >= 2 and rng.random() < 0.5:
         a, b, *objects = objects
-        parts.append(f"{_describe(rng, a)} {rng.choice(_relations(a, b))} {_describe(rng, b)}")
-    parts += [f"{_describe(rng, o)} {_where(rng, o)}" for o in objects]
-    return rng.choice(("", "there is ", "an image of ")) + _join(parts)
+        (phrase_a, mention_a), relation = _describe(rng, a), rng.choice(_relations(a, b))
+        phrase_b, mention_b = _describe(rng, b)
+        parts.append(f"{phrase_a} {relation} {phrase_b}")
+        mentions += [mention_a, mention_b]
+        relations.append((0, relation, 1))
+    for o in objects:
+        phrase, mention = _describe(rng, o, o.cell)
+        parts.append(f"{phrase} {_where(rng, o)}")
+        mentions.append(mention)
+    return rng.choice(("", "there is ", "an image of ")) + _join(parts), Claim(tuple(mentions), tuple(relations))
+
+
+def _fits(mention, obj):
+    shape, color, size, cell = mention
+    return (shape, color) == (obj.shape, obj.color) and size in (None, obj.size) and cell in (None, obj.cell)
+
+
+def _claim_holds(claim, objects):
+    """Whether a caption is literally true of a scene: its mentions go to distinct objects with every stated
+    attribute and every stated relation holds between them. Objects it does not mention are allowed (a
+    reader of "a red circle and a blue square" does not know there is nothing else)."""
+    return any(all(map(_fits, claim.mentions, assigned))
+               and all(relation in _relations(assigned[i], assigned[k]) for i, relation, k in claim.relations)
+               for assigned in itertools.permutations(objects, len(claim.mentions)))
 
 
 # VQA: given the answer, build a scene and a question that has it; objects[0] is the one asked about.
@@ -555,10 +609,60 @@ _SAY = {"more": _say_more, "both": _say_both, "exactly_one": _say_exactly_one,
 # The synthetic world: one spec maker per task. A spec is what a sample shows, without pixels:
 # {"scenes": [Scene, ...], "text" or "captions", task fields}.
 
+def _objects_in(rng, split, fewest, most, palette=None):
+    """fewest–most random objects (colours from `palette`, if given) whose layout belongs to `split`."""
+    (objects,), _ = _redraw(split, lambda: ([_random_objects(rng, rng.randint(fewest, most), palette)], None))
+    return objects
+
+
 def _make_captioned(rng, split, world):
-    (objects,), _ = _redraw(split, lambda: ([_random_objects(rng, rng.randint(2, 3), world.palette)], None))
-    return {"scenes": [_scene(rng, objects)],
-            "captions": [_caption(rng, objects) for _ in range(world.captions_per_image)]}
+    objects = _objects_in(rng, split, 2, 3, world.palette)
+    captions, claims = zip(*(_caption(rng, objects) for _ in range(world.captions_per_image)))
+    return {"scenes": [_scene(rng, objects)], "captions": list(captions), "claims": list(claims)}
+
+
+def _names(items):
+    """The sorted (shape, color) names of objects or of a caption's mentions."""
+    return tuple(sorted(item[:2] for item in items))
+
+
+def _unambiguous(draw, count):
+    """count captioned scene specs, scene j from draw(j, attempt) for attempt 0, 1, … until it has a layout no
+    earlier scene has, none of its captions is true of an earlier scene, and no earlier caption is true of it
+    — so that a retrieval split has exactly one right image per caption. Names (shape, color) index both
+    ways: a caption can only be true of a scene holding every name it mentions."""
+    specs, layouts = [], set()
+    scenes_with = defaultdict(set)  # (shape, color) → indices of the earlier scenes holding one
+    claims_on = defaultdict(list)   # the names a caption mentions → the earlier captions' claims
+
+    def clashes(objects, claims):
+        if _layout(objects) in layouts:
+            return True
+        for claim in claims:  # a new caption true of an earlier scene
+            candidates = set.intersection(*(scenes_with[n] for n in _names(claim.mentions)))
+            if any(_claim_holds(claim, specs[k]["scenes"][0].objects) for k in candidates):
+                return True
+        # an earlier caption true of the new scene: it mentions 2 or 3 of the scene's objects by name
+        subsets = (s for r in (2, 3) for s in itertools.combinations(objects, r))
+        return any(_claim_holds(c, objects) for subset in subsets for c in claims_on[_names(subset)])
+
+    def first_clear(j):
+        for attempt in range(10_000):
+            spec = draw(j, attempt)
+            if not clashes(spec["scenes"][0].objects, spec["claims"]):
+                return spec
+        raise RuntimeError(f"scene {j}: no unambiguous draw in 10 000 attempts")
+
+    for j in range(count):
+        spec = first_clear(j)
+        objects = spec["scenes"][0].objects
+        layouts.add(_layout(objects))
+        for o in objects:
+            scenes_with[(o.shape, o.color)].add(j)
+        for claim in spec["claims"]:
+            claims_on[_names(claim.mentions)].append(claim)
+        specs.append(spec)
+    return specs
 
 
 def _make_vqa(rng, split, world):
@@ -577,8 +681,8 @@ def _make_nlvr2(rng, split, world):
     label, kind = rng.random() < 0.5, rng.choice(STATEMENT_KINDS)
     side, attr = rng.choice(("left", "right")), rng.choice(("color", "shape"))
 
-    def draw():
-        left, right = _random_objects(rng, rng.randint(1, 3)), _random_objects(rng, rng.randint(1, 3))
+    def draw():  # each scene drawn in the split first: the same pairs as rejecting whole pairs, 10x fewer draws
+        left, right = _objects_in(rng, split, 1, 3), _objects_in(rng, split, 1, 3)
         said = _SAY[kind](rng, left, right, side, attr)
         return None if said is None or said[1] != label else ([left, right], said[0])
 
@@ -599,8 +703,7 @@ def _make_cls(rng, split, world):
 
 
 def _make_seg(rng, split, world):
-    (objects,), _ = _redraw(split, lambda: ([_random_objects(rng, rng.randint(1, 3))], None))
-    return {"scenes": [_scene(rng, objects)]}
+    return {"scenes": [_scene(rng, _objects_in(rng, split, 1, 3))]}
 
 
 _MAKE = {"pretrain": _make_captioned, "retrieval": _make_captioned, "vqa": _make_vqa,
@@ -645,8 +748,13 @@ class SyntheticDataset(Dataset):
 
     def scene_spec(self, j):
         """The spec of scene (or question, or pair) j; for captioned tasks it holds all its captions."""
-        rng = random.Random(f"{self.world.seed}/{self.task}/{self.split}/{j}")  # str seeds: stable across runs
-        return _MAKE[self.task](rng, self.split, self.world)
+        return self.draw(j)
+
+    def draw(self, j, attempt=0):
+        """Scene j's spec from its own random stream (str seeds: stable across runs); attempt > 0 are the
+        redraws that make a val/test retrieval split unambiguous."""
+        key = f"{self.world.seed}/{self.task}/{self.split}/{j}" + (f"/{attempt}" if attempt else "")
+        return _MAKE[self.task](random.Random(key), self.split, self.world)
 
     def spec(self, i):
         """What sample i shows, without pixels: {"scenes", "text", task fields}."""
@@ -682,12 +790,26 @@ class LazyImages:
         return self.load_many([index])[0]
 
 
+@functools.cache
+def _unambiguous_split(seed, task, split, count, captions_per_image):
+    """The specs of a val / test split of a captioned task (cached: every evaluation of a recipe shares them)."""
+    dataset = SyntheticDataset(SyntheticWorld(seed=seed, captions_per_image=captions_per_image), task, split)
+    return _unambiguous(dataset.draw, count)
+
+
 class SyntheticCaptions(SyntheticDataset):
     """pretrain / retrieval: sample i is scene i // C with its caption i % C (C = captions_per_image).
 
     For retrieval evaluation: `images` (one per scene, a LazyImages), `captions` (sample order) and
     `caption_image` (caption k → index of its image in `images`; also sample k's "image_id").
+    A val / test split is drawn whole, once per process (`_unambiguous`), so that each caption has one image.
     """
+
+    def scene_spec(self, j):
+        if self.split == "train":
+            return self.draw(j)
+        return _unambiguous_split(self.world.seed, self.task, self.split, self.num_scenes,
+                                  self.world.captions_per_image)[j]
 
     @property
     def images(self):
@@ -1408,6 +1530,7 @@ class Collator:
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), seed=None):
         self.tokenizer, self.max_len, self.mlm_prob = tokenizer, max_len, mlm_prob
         self.image_size, self.seed, self.train = image_size, seed, train
+        self.truncated = 0  # texts cut to max_len so far (see _count_truncated)
         self.augment = v2.RandAugment() if train and randaugment else None
         self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
         self.special_ids = torch.tensor(sorted(tokenizer.special_ids))
@@ -1459,9 +1582,21 @@ class Collator:
         return mask[rows][:, columns].long()
 
     def texts(self, texts):
-        """Token ids and attention masks, (B, max_len) long each."""
-        ids, attention = zip(*(self.tokenizer.encode(t, self.max_len) for t in texts))
+        """Token ids and attention masks, (B, max_len) long each; counts the texts cut to fit (`truncated`)."""
+        tokenized = [self.tokenizer.tokenize(t) for t in texts]
+        self._count_truncated(tokenized)
+        ids, attention = zip(*(self.tokenizer.encode_tokens(t, self.max_len) for t in tokenized))
         return torch.stack(ids), torch.stack(attention)
+
+    def _count_truncated(self, tokenized):
+        """Cutting text loses words silently (a caption loses an object): warn once per Collator (per DataLoader
+        worker, each holding its own copy), with the count so far; `truncated` keeps counting."""
+        longest = max(map(len, tokenized), default=0)
+        cut = sum(len(t) > self.max_len - 2 for t in tokenized)
+        if cut and not self.truncated:
+            warnings.warn(f"Collator: {cut} text(s) cut to max_len {self.max_len} so far (one had {longest + 2} "
+                          f"tokens with [CLS] and [SEP]); raise max_len to keep every word", stacklevel=3)
+        self.truncated += cut
 
     def text(self, texts):
         """The batch's text fields: clean ids and mask, and their MLM-corrupted copy with labels."""
