@@ -43,10 +43,12 @@ The six tasks, each with train / val / test splits (sizes `train_size`, `val_siz
     retrieval  the same, as a COCO-like split: `dataset.images` (every scene's image, uint8, by index or
                slice), `dataset.captions` (every caption, in sample order) and `dataset.caption_image`
                (for caption k, the index of its image in `dataset.images`; also the sample's "image_id").
+               Val and test are *unambiguous* (below): a caption is true of its own image only.
     vqa        1–3 objects; the question type (6 kinds) and then the answer are drawn uniformly *first* and
                the scene is built to fit, so the question alone does not tell the answer. Ten annotators
                answer, each correctly with p = 0.9, else with another answer of the same type; the target is
-               VQA v2's soft score min(1, #annotators who gave a / 3). `world.answers`: 20 answers (7 colors,
+               ViLT / VLMo's soft score (0.3 / 0.6 / 0.9 / 1 for 1 / 2 / 3 / ≥4 annotators who gave a), scored
+               by the official VQA accuracy (`vqa_accuracy`). `world.answers`: 20 answers (7 colors,
                5 shapes, small/large, 0–3, yes/no).
     nlvr2      two scenes and a statement of one of 5 kinds; the label (balanced) and the kind are drawn first,
                then scenes are drawn until the statement has that truth value.
@@ -56,8 +58,28 @@ The six tasks, each with train / val / test splits (sizes `train_size`, `val_siz
 Splits are disjoint twice over. Each (seed, task, split, index) has its own random stream, so a sample is
 made on demand from its index alone (datasets are lazy, indexable, deterministic per index — what a
 DistributedSampler needs). And a scene's *layout* — the set of (cell, shape, color, size) — belongs to one
-split by a hash (crc32 mod 10: 0 → val, 1 → test, else train); samples are redrawn until their layout (for
-nlvr2 the pair's) hashes to their split. So no val/test layout is ever seen in training, by any task.
+split by a hash (crc32 mod 10: 0 → val, 1 → test, else train); samples are redrawn until the layout of every
+scene they show (both scenes of an nlvr2 pair, each on its own) hashes to their split. So no val/test layout
+is ever seen in training, by any task.
+
+**Unambiguous retrieval.** Random scenes repeat, and a caption that leaves out sizes or positions is often
+true of other scenes too: in a 1 000-image test split drawn scene by scene, 78 images shared their layout
+with another, and of its 5 000 captions 965 were true of another image (516 even as a complete description of
+it), so R@1 had a ceiling below 100 and the same noise for every model. We chose to fix the data, not the
+metric (which stays one right image per caption, as COCO's): each caption comes with a `Claim` — the
+(shape, color, size or None, cell or None) it mentions and the relations it states — and a val / test split
+of pretrain / retrieval is built in order (`_unambiguous`), redrawing scene j until its layout is new, none of
+its captions holds on an earlier scene and no earlier caption holds on it (`_claim_holds`: literal truth,
+extra objects allowed). So every retrieval hit and miss is a real one. The train split stays lazy and per
+index: ITC may still meet a false negative there.
+
+**Text length.** With [CLS] and [SEP], a caption is 9–31 tokens (median 20; a quarter of the captions are over
+24: three objects, each with its size and position, take 26 words, "an image of" 3 more), a VQA question
+8–12, an NLVR2 statement 7–14. The synthetic presets use max_len 32, so nothing is ever cut. We chose the
+longer text over shorter templates because what would have to go (sizes and positions of 3-object scenes) is
+what retrieval must tell apart; the cost, measured on the tiny preset's pre-training step (batch 64, 1
+thread, bf16): 0.69 s at 32 tokens vs 0.62 s at 24 (+11%). Real text longer than max_len is cut at the end;
+the Collator then warns once, with the count so far, and keeps counting in `Collator.truncated`.
 
 **The task stream** (merging over time, Dziadzio et al. 2025; `TaskStream`). A class is a (colour, shape)
 *concept*. The base world (`SyntheticWorld(colors=...)`) shows only red and blue; the stream's concepts — the
@@ -66,8 +88,9 @@ a `ConceptScenes` of single-object images named "a [size] <colour> <shape>". Sco
 classification over every stream concept; the retention set is the base concepts. `Mixture` /
 `replay_mixture` interleave base data, the current task and the previous tasks in equal shares (replay).
 
-**Real-format loaders** (`load_karpathy`, `load_image_text_jsonl`, `load_vqa`, `load_nlvr2`) return Datasets
-of the same sample dicts, reading images lazily as RGB uint8. Whatever can be checked when loading is
+**Real-format loaders** (`load_karpathy`, `load_image_text_jsonl`, `load_vqa`, `load_nlvr2`, `load_image_folder`,
+`load_ade20k`) return Datasets of the same sample dicts, reading images lazily as RGB uint8. `vqa_accuracy`
+is VQA v2's official metric (answer normalization, leave-one-out over the ten annotators). Whatever can be checked when loading is
 (JSON, fields, empty text, image files exist): a bad record raises one ValueError naming the file and the
 line or identifier, or with `skip_bad=True` is dropped and counted in one warning. A file whose bytes
 cannot be decoded raises when it is read, naming the file.
@@ -78,13 +101,14 @@ docstring for how its randomness stays reproducible across workers and ranks.
 """
 
 import functools
+import itertools
 import json
 import random
 import re
 import unicodedata
 import warnings
 import zlib
-from collections import Counter, namedtuple
+from collections import Counter, defaultdict, namedtuple
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,9 +242,13 @@ class Tokenizer:
 
         Text of more than max_len − 2 tokens is truncated at the end; [SEP] always closes the sequence.
         """
+        return self.encode_tokens(self.tokenize(text), max_len)
+
+    def encode_tokens(self, tokens, max_len=40):
+        """`encode` of already tokenized text (the Collator tokenizes once to count what is cut)."""
         if max_len < 2:
             raise ValueError(f"max_len {max_len}: needs room for [CLS] and [SEP]")
-        tokens = self.tokenize(text)[: max_len - 2]
+        tokens = tokens[: max_len - 2]
         ids = [self.cls_id, *(self.vocab.get(t, self.unk_id) for t in tokens), self.sep_id]
         padding = max_len - len(ids)
         return torch.tensor(ids + [self.pad_id] * padding), torch.tensor([1] * len(ids) + [0] * padding)
@@ -255,6 +283,8 @@ _TEMPLATE_WORDS = ("a an the there is are image images of at in and , ? what col
 
 Obj = namedtuple("Obj", "shape color size cell dx dy")  # attribute indices, cell 0–3, jitter (image fractions)
 Scene = namedtuple("Scene", "objects background noise_seed")
+# what a caption states: mentions ((shape, color, size or None, cell or None), ...), relations ((i, rel, k), ...)
+Claim = namedtuple("Claim", "mentions relations")
 
 # inside-tests in units of the radius: (u, v) is a pixel's offset from the centre, v pointing down
 _INSIDE = (
@@ -305,17 +335,18 @@ def _layout(objects):
     return bytes(codes)
 
 
-def _split_of(groups):
-    """The split a layout (or a pair of layouts) belongs to: crc32 mod 10, 0 → val, 1 → test, else train."""
-    bucket = zlib.crc32(b"".join(_layout(objects) for objects in groups)) % 10
+def _split_of(objects):
+    """The split a scene's layout belongs to: crc32 mod 10, 0 → val, 1 → test, else train."""
+    bucket = zlib.crc32(_layout(objects)) % 10
     return SPLITS[{0: 1, 1: 2}.get(bucket, 0)]
 
 
 def _redraw(split, draw):
-    """Call draw() → (list of object lists, text) until it succeeds (not None) with layouts in `split`."""
+    """Call draw() → (list of object lists, text) until it succeeds (not None) with every layout in `split`
+    (each scene of an NLVR2 pair on its own: a pair is in a split only if both its scenes are)."""
     for _ in range(100_000):
         drawn = draw()
-        if drawn is not None and _split_of(drawn[0]) == split:
+        if drawn is not None and all(_split_of(objects) == split for objects in drawn[0]):
             return drawn
     raise RuntimeError(f"no draw landed in split {split!r}: the draw function cannot succeed")
 
@@ -392,9 +423,12 @@ def _a(phrase):
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _describe(rng, obj):
-    size = f"{SIZES[obj.size]} " if rng.random() < 0.5 else ""
-    return _a(size + _name(obj))
+def _describe(rng, obj, cell=None):
+    """The phrase naming obj (its size half of the time) and the mention it makes: (shape, color, size or
+    None, cell or None), the attributes a reader can check."""
+    size = obj.size if rng.random() < 0.5 else None
+    phrase = _a(("" if size is None else f"{SIZES[size]} ") + _name(obj))
+    return phrase, (obj.shape, obj.color, size, cell)
 
 
 def _join(parts):
@@ -402,14 +436,36 @@ def _join(parts):
 
 
 def _caption(rng, objects):
-    """One caption: every object with its position, or a relation between two and positions for the rest."""
+    """One caption and its Claim: every object with its position, or a relation between two and positions for
+    the rest."""
     objects = rng.sample(objects, len(objects))  # the order of mention is free
-    parts = []
+    parts, mentions, relations = [], [], []
     if len(objects) >= 2 and rng.random() < 0.5:
         a, b, *objects = objects
-        parts.append(f"{_describe(rng, a)} {rng.choice(_relations(a, b))} {_describe(rng, b)}")
-    parts += [f"{_describe(rng, o)} {_where(rng, o)}" for o in objects]
-    return rng.choice(("", "there is ", "an image of ")) + _join(parts)
+        (phrase_a, mention_a), relation = _describe(rng, a), rng.choice(_relations(a, b))
+        phrase_b, mention_b = _describe(rng, b)
+        parts.append(f"{phrase_a} {relation} {phrase_b}")
+        mentions += [mention_a, mention_b]
+        relations.append((0, relation, 1))
+    for o in objects:
+        phrase, mention = _describe(rng, o, o.cell)
+        parts.append(f"{phrase} {_where(rng, o)}")
+        mentions.append(mention)
+    return rng.choice(("", "there is ", "an image of ")) + _join(parts), Claim(tuple(mentions), tuple(relations))
+
+
+def _fits(mention, obj):
+    shape, color, size, cell = mention
+    return (shape, color) == (obj.shape, obj.color) and size in (None, obj.size) and cell in (None, obj.cell)
+
+
+def _claim_holds(claim, objects):
+    """Whether a caption is literally true of a scene: its mentions go to distinct objects with every stated
+    attribute and every stated relation holds between them. Objects it does not mention are allowed (a
+    reader of "a red circle and a blue square" does not know there is nothing else)."""
+    return any(all(map(_fits, claim.mentions, assigned))
+               and all(relation in _relations(assigned[i], assigned[k]) for i, relation, k in claim.relations)
+               for assigned in itertools.permutations(objects, len(claim.mentions)))
 
 
 # VQA: given the answer, build a scene and a question that has it; objects[0] is the one asked about.
@@ -485,9 +541,15 @@ _ASK = {"color": _ask_color, "shape": _ask_shape, "size": _ask_size, "count": _a
         "exist": _ask_exist, "relation": _ask_relation}
 
 
+SOFT_SCORES = (0.0, 0.3, 0.6, 0.9, 1.0)  # by the number of annotators (4 or more: 1)
+
+
 def vqa_scores(annotator_answers):
-    """VQA v2 soft scores: score(a) = min(1, #annotators who answered a / 3)."""
-    return {a: min(1.0, n / 3) for a, n in Counter(annotator_answers).items()}
+    """Training targets, ViLT / VLMo's soft scores: 0.3, 0.6, 0.9, 1.0 for an answer 1, 2, 3, ≥4 annotators gave.
+
+    These are what `vqa_accuracy` gives that answer (its leave-one-out average), not min(1, n/3), which
+    would credit 1 and 2 annotators with 0.33 and 0.67."""
+    return {a: SOFT_SCORES[min(n, 4)] for a, n in Counter(annotator_answers).items()}
 
 
 # NLVR2: a statement about two object lists and its truth; attributes are taken from objects in the scenes
@@ -547,10 +609,60 @@ _SAY = {"more": _say_more, "both": _say_both, "exactly_one": _say_exactly_one,
 # The synthetic world: one spec maker per task. A spec is what a sample shows, without pixels:
 # {"scenes": [Scene, ...], "text" or "captions", task fields}.
 
+def _objects_in(rng, split, fewest, most, palette=None):
+    """fewest–most random objects (colours from `palette`, if given) whose layout belongs to `split`."""
+    (objects,), _ = _redraw(split, lambda: ([_random_objects(rng, rng.randint(fewest, most), palette)], None))
+    return objects
+
+
 def _make_captioned(rng, split, world):
-    (objects,), _ = _redraw(split, lambda: ([_random_objects(rng, rng.randint(2, 3), world.palette)], None))
-    return {"scenes": [_scene(rng, objects)],
-            "captions": [_caption(rng, objects) for _ in range(world.captions_per_image)]}
+    objects = _objects_in(rng, split, 2, 3, world.palette)
+    captions, claims = zip(*(_caption(rng, objects) for _ in range(world.captions_per_image)))
+    return {"scenes": [_scene(rng, objects)], "captions": list(captions), "claims": list(claims)}
+
+
+def _names(items):
+    """The sorted (shape, color) names of objects or of a caption's mentions."""
+    return tuple(sorted(item[:2] for item in items))
+
+
+def _unambiguous(draw, count):
+    """count captioned scene specs, scene j from draw(j, attempt) for attempt 0, 1, … until it has a layout no
+    earlier scene has, none of its captions is true of an earlier scene, and no earlier caption is true of it
+    — so that a retrieval split has exactly one right image per caption. Names (shape, color) index both
+    ways: a caption can only be true of a scene holding every name it mentions."""
+    specs, layouts = [], set()
+    scenes_with = defaultdict(set)  # (shape, color) → indices of the earlier scenes holding one
+    claims_on = defaultdict(list)   # the names a caption mentions → the earlier captions' claims
+
+    def clashes(objects, claims):
+        if _layout(objects) in layouts:
+            return True
+        for claim in claims:  # a new caption true of an earlier scene
+            candidates = set.intersection(*(scenes_with[n] for n in _names(claim.mentions)))
+            if any(_claim_holds(claim, specs[k]["scenes"][0].objects) for k in candidates):
+                return True
+        # an earlier caption true of the new scene: it mentions 2 or 3 of the scene's objects by name
+        subsets = (s for r in (2, 3) for s in itertools.combinations(objects, r))
+        return any(_claim_holds(c, objects) for subset in subsets for c in claims_on[_names(subset)])
+
+    def first_clear(j):
+        for attempt in range(10_000):
+            spec = draw(j, attempt)
+            if not clashes(spec["scenes"][0].objects, spec["claims"]):
+                return spec
+        raise RuntimeError(f"scene {j}: no unambiguous draw in 10 000 attempts")
+
+    for j in range(count):
+        spec = first_clear(j)
+        objects = spec["scenes"][0].objects
+        layouts.add(_layout(objects))
+        for o in objects:
+            scenes_with[(o.shape, o.color)].add(j)
+        for claim in spec["claims"]:
+            claims_on[_names(claim.mentions)].append(claim)
+        specs.append(spec)
+    return specs
 
 
 def _make_vqa(rng, split, world):
@@ -569,8 +681,8 @@ def _make_nlvr2(rng, split, world):
     label, kind = rng.random() < 0.5, rng.choice(STATEMENT_KINDS)
     side, attr = rng.choice(("left", "right")), rng.choice(("color", "shape"))
 
-    def draw():
-        left, right = _random_objects(rng, rng.randint(1, 3)), _random_objects(rng, rng.randint(1, 3))
+    def draw():  # each scene drawn in the split first: the same pairs as rejecting whole pairs, 10x fewer draws
+        left, right = _objects_in(rng, split, 1, 3), _objects_in(rng, split, 1, 3)
         said = _SAY[kind](rng, left, right, side, attr)
         return None if said is None or said[1] != label else ([left, right], said[0])
 
@@ -591,8 +703,7 @@ def _make_cls(rng, split, world):
 
 
 def _make_seg(rng, split, world):
-    (objects,), _ = _redraw(split, lambda: ([_random_objects(rng, rng.randint(1, 3))], None))
-    return {"scenes": [_scene(rng, objects)]}
+    return {"scenes": [_scene(rng, _objects_in(rng, split, 1, 3))]}
 
 
 _MAKE = {"pretrain": _make_captioned, "retrieval": _make_captioned, "vqa": _make_vqa,
@@ -637,8 +748,13 @@ class SyntheticDataset(Dataset):
 
     def scene_spec(self, j):
         """The spec of scene (or question, or pair) j; for captioned tasks it holds all its captions."""
-        rng = random.Random(f"{self.world.seed}/{self.task}/{self.split}/{j}")  # str seeds: stable across runs
-        return _MAKE[self.task](rng, self.split, self.world)
+        return self.draw(j)
+
+    def draw(self, j, attempt=0):
+        """Scene j's spec from its own random stream (str seeds: stable across runs); attempt > 0 are the
+        redraws that make a val/test retrieval split unambiguous."""
+        key = f"{self.world.seed}/{self.task}/{self.split}/{j}" + (f"/{attempt}" if attempt else "")
+        return _MAKE[self.task](random.Random(key), self.split, self.world)
 
     def spec(self, i):
         """What sample i shows, without pixels: {"scenes", "text", task fields}."""
@@ -674,12 +790,26 @@ class LazyImages:
         return self.load_many([index])[0]
 
 
+@functools.cache
+def _unambiguous_split(seed, task, split, count, captions_per_image):
+    """The specs of a val / test split of a captioned task (cached: every evaluation of a recipe shares them)."""
+    dataset = SyntheticDataset(SyntheticWorld(seed=seed, captions_per_image=captions_per_image), task, split)
+    return _unambiguous(dataset.draw, count)
+
+
 class SyntheticCaptions(SyntheticDataset):
     """pretrain / retrieval: sample i is scene i // C with its caption i % C (C = captions_per_image).
 
     For retrieval evaluation: `images` (one per scene, a LazyImages), `captions` (sample order) and
     `caption_image` (caption k → index of its image in `images`; also sample k's "image_id").
+    A val / test split is drawn whole, once per process (`_unambiguous`), so that each caption has one image.
     """
+
+    def scene_spec(self, j):
+        if self.split == "train":
+            return self.draw(j)
+        return _unambiguous_split(self.world.seed, self.task, self.split, self.num_scenes,
+                                  self.world.captions_per_image)[j]
 
     @property
     def images(self):
@@ -1145,15 +1275,14 @@ def _vqa_annotations(path):
     return {a["question_id"]: a for a in listed if isinstance(a, dict) and "question_id" in a}
 
 
-def _vqa_answers(annotation, index, strict):
+def _vqa_answers(annotation, index):
     given = [_get(a, "answer") for a in _get(annotation, "answers", list)]
     if not given:
         raise _BadRecord("no annotator answers")
-    best = _get(annotation, "multiple_choice_answer")
-    if strict and best not in index:
-        raise _BadRecord(f"answer {best!r} is not in the answer vocabulary")
-    # annotator answers outside the vocabulary cannot be predicted; they just score nothing (as in VQA v2 work)
-    return {"answers": given, "scores": {index[a]: s for a, s in vqa_scores(given).items() if a in index}}
+    # targets count the annotators after the official normalization (as ViLT); answers outside the vocabulary
+    # cannot be predicted and get no target, but the question stays: evaluation scores it on `answers`
+    scores = vqa_scores(normalize_answer(a) for a in given)
+    return {"answers": given, "scores": {index[a]: s for a, s in scores.items() if a in index}}
 
 
 def load_vqa(questions_json, annotations_json, image_root, answers=None, top_k=3129,
@@ -1161,13 +1290,13 @@ def load_vqa(questions_json, annotations_json, image_root, answers=None, top_k=3
     """VQA v2: questions[] (question_id, image_id, question) and annotations[] (question_id, answers[].answer,
     multiple_choice_answer).
 
-    Samples {"image", "text", "question_id", "answers", "target"}; target = soft scores over `answers`.
-    `answers`: the answer vocabulary; None builds the top_k from these annotations (do that on train and
-    pass `dataset.answers` to val). With `answers` given, a question whose multiple-choice answer is not in
-    it is a bad record (for val this drops questions the classifier cannot answer: say so when reporting).
+    Samples {"image", "text", "question_id", "answers" (the humans' answers as written), "target"}; target =
+    soft scores (`vqa_scores`) over `answers`. `answers`: the answer vocabulary; None builds the top_k
+    multiple-choice answers of these annotations (do that on train and pass `dataset.answers` to val). Every
+    question is kept, also one whose human answers all lie outside the vocabulary: its target is zero and
+    `vqa_accuracy` scores whatever is predicted for it, as the official evaluation does.
     `annotations_json=None` (test-dev) gives samples without answers. Image file names follow
     `image_pattern`, formatted with image_id and subtype (the questions file's "data_subtype", e.g. train2014).
-    Answers are used as written: VQA's evaluation-time normalisation is not applied.
     """
     questions_file = _read_json(questions_json)
     questions = _top_list(questions_file, "questions", questions_json)
@@ -1176,8 +1305,7 @@ def load_vqa(questions_json, annotations_json, image_root, answers=None, top_k=3
     annotations = None if annotations_json is None else _vqa_annotations(annotations_json)
     if answers is None and annotations is None:
         raise ValueError("load_vqa: pass `answers` when there are no annotations to build them from")
-    strict = answers is not None
-    answers = list(answers) if strict else _top_answers(annotations.values(), top_k)
+    answers = list(answers) if answers is not None else _top_answers(annotations.values(), top_k)
     index = {a: i for i, a in enumerate(answers)}
     exists = functools.cache(_image_path)  # many questions share an image
     records = []
@@ -1192,7 +1320,7 @@ def load_vqa(questions_json, annotations_json, image_root, answers=None, top_k=3
                 where = f"{annotations_json} question_id {question_id}"
                 if question_id not in annotations:
                     raise _BadRecord("no annotation for this question")
-                record.update(_vqa_answers(annotations[question_id], index, strict))
+                record.update(_vqa_answers(annotations[question_id], index))
         except _BadRecord as error:
             report(where, error)
             continue
@@ -1243,6 +1371,138 @@ def load_nlvr2(jsonl_path, image_root, skip_bad=False):
     return FileDataset(report.finish(records))
 
 
+def load_image_folder(root, classes=None):
+    """ImageNet-style folders, ROOT/<class>/<image>: torchvision's ImageFolder finds the classes (sorted
+    folder names) and the image files; samples {"image", "label"}, images read lazily as for every loader.
+
+    `classes`: the training split's class names, which a validation folder must have too (same indices)."""
+    from torchvision.datasets import ImageFolder
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"{root}: no such folder (expected ROOT/train/<class>/* and ROOT/val/<class>/*)")
+    try:
+        folder = ImageFolder(root, loader=str)  # the loader is never called: read_image reads the files
+    except FileNotFoundError as error:
+        raise ValueError(f"{root}: {error}") from None
+    if classes is not None and folder.classes != list(classes):  # both sorted: the sets differ
+        differing = sorted(set(classes) ^ set(folder.classes))
+        raise ValueError(f"{root}: {len(folder.classes)} class folders vs training's {len(classes)}; "
+                         f"{differing[0]!r} is in one only")
+    dataset = FileDataset([{"image": Path(path), "label": label} for path, label in folder.samples])
+    dataset.classes = folder.classes
+    return dataset
+
+
+ADE20K_CLASSES = 150  # SceneParsing: labels 1..150 are classes, 0 is "other"
+SEG_IGNORE = 255      # the target value that loss and mIoU skip (ADE20k's "other"; mmseg's reduce_zero_label)
+
+
+class SegmentationDataset(FileDataset):
+    """Image + label map pairs; a map reads as (H,W) long with label k -> class k - 1 and 0 -> SEG_IGNORE."""
+
+    def __getitem__(self, i):
+        record = self.records[i]
+        image, labels = read_image(record["image"]), read_label_map(record["mask"])
+        if tuple(labels.shape) != tuple(image.shape[1:]):
+            raise ValueError(f"{record['mask']}: label map {tuple(labels.shape)} vs image {tuple(image.shape[1:])}")
+        if labels.max() > ADE20K_CLASSES:
+            raise ValueError(f"{record['mask']}: label {int(labels.max())} > {ADE20K_CLASSES}")
+        return {"image": image, "mask": torch.where(labels == 0, SEG_IGNORE, labels - 1)}
+
+
+def read_label_map(path):
+    """A PNG of class indices (mode L or P: the index is the pixel value, not a colour) as (H,W) long."""
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "P"):
+                raise ValueError(f"mode {image.mode}, not an 8-bit index map")
+            return TF.pil_to_tensor(image)[0].long()
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ValueError(f"{path}: cannot read label map ({error})") from error
+
+
+def load_ade20k(root, split):
+    """ADE20k SceneParsing: ROOT/images/<split>/*.jpg with ROOT/annotations/<split>/*.png of the same stem
+    (split: "training" or "validation"). Samples {"image", "mask"}; 150 classes, "other" ignored."""
+    images, labels = Path(root) / "images" / split, Path(root) / "annotations" / split
+    for folder in (images, labels):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such folder (ADE20k layout: ROOT/images/{split}, "
+                                    f"ROOT/annotations/{split})")
+    report, records = _Reporter(images, False), []
+    for path in sorted(images.glob("*.jpg")):
+        if not (labels / f"{path.stem}.png").is_file():
+            report(path, f"no label map {labels / (path.stem + '.png')}")
+        records.append({"image": path, "mask": labels / f"{path.stem}.png"})
+    return SegmentationDataset(report.finish(records))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# VQA v2's official accuracy (the VQA API's evaluation script, re-implemented from its rules)
+
+# Facts of the official script: the punctuation it strips, number words it maps to digits, the articles it
+# drops, and its contraction table. Each contraction is listed once, written out; the script maps the forms
+# with exactly one apostrophe left out to it ("dont" -> "don't", "couldnt've" and "couldn'tve" ->
+# "couldn't've"). Its I-forms ("Im", "Ive", ...) are keyed in capitals and never match lowercased text, so
+# they are not listed; "she's" and "let's" only map to themselves.
+_VQA_PUNCTUATION = ';/[]"{}()=+\\_->@`,?!<'
+_VQA_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_VQA_NUMBERS["none"] = "0"
+_VQA_ARTICLES = {"a", "an", "the"}
+_VQA_CONTRACTED = (
+    "ain't aren't can't could've couldn't didn't doesn't don't hadn't hasn't haven't he'd he's how'd how'll how's "
+    "isn't it'd it'll ma'am mightn't might've mustn't must've needn't not've o'clock oughtn't shan't should've "
+    "shouldn't somebody'll somebody's someone'd someone'll someone's something'd something'll that's there'd "
+    "there're there's they'd they'll they're they've 'twas wasn't we've weren't what'll what're what's what've "
+    "when's where'd where's where've who'd who'll who's who've why'll why're why's won't would've wouldn't y'all "
+    "you'd you'll you're you've couldn't've hadn't've he'd've it'd've mightn't've she'd've shouldn't've "
+    "somebody'd've someone'd've something'd've there'd've they'd've we'd've who'd've wouldn't've y'all'll "
+    "y'all'd've you'd've 'ow's'at").split()
+_VQA_CONTRACTIONS = {form[:i] + form[i + 1:]: form for form in _VQA_CONTRACTED
+                     for i, char in enumerate(form) if char == "'"}
+_VQA_CONTRACTIONS["somebody'd"] = "somebodyd"  # the script's table has this one backwards; kept, to agree with it
+_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+_PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
+
+
+def _vqa_punctuation(text):
+    """The script's processPunctuation: a mark next to a space (or any mark in a text with a digit,digit) is
+    deleted, any other becomes a space; then every period not followed by a digit goes."""
+    out = text  # the tests look at the text as given, the replacements at the text so far (as the script)
+    for mark in _VQA_PUNCTUATION:
+        gone = mark + " " in text or " " + mark in text or _DIGIT_COMMA_DIGIT.search(text) is not None
+        out = out.replace(mark, "" if gone else " ")
+    return _PERIOD_NOT_BEFORE_DIGIT.sub("", out)
+
+
+def normalize_answer(answer):
+    """A predicted answer as the official script compares it: whitespace, punctuation, lowercase, number
+    words -> digits, articles dropped, contractions restored ("Two dogs." -> "2 dogs", "dont" -> "don't")."""
+    text = _vqa_punctuation(answer.replace("\n", " ").replace("\t", " ").strip())
+    words = [_VQA_NUMBERS.get(w, w) for w in text.lower().split()]
+    return " ".join(_VQA_CONTRACTIONS.get(w, w) for w in words if w not in _VQA_ARTICLES)
+
+
+def vqa_accuracy(prediction: str, human_answers: list) -> float:
+    """VQA accuracy of one predicted answer against the (10) human answers, in [0, 1].
+
+        acc = mean over annotators j of min(1, #{k ≠ j : answer_k = prediction} / 3)
+
+    i.e. min(1, #matches / 3) averaged over the leave-one-out subsets: 0, 0.3, 0.6, 0.9, 1 for 0, 1, 2, 3, ≥4
+    matching humans out of 10. As in the official script the prediction is fully normalized
+    (`normalize_answer`) while the human answers only lose punctuation, and only when they are not all
+    the same (the released answers are already normalized otherwise).
+    """
+    if not human_answers:
+        raise ValueError("vqa_accuracy: no human answers to score against")
+    prediction = normalize_answer(prediction)
+    humans = [a.replace("\n", " ").replace("\t", " ").strip() for a in human_answers]
+    if len(set(humans)) > 1:
+        humans = [_vqa_punctuation(a) for a in humans]
+    matches = sum(a == prediction for a in humans)
+    # leaving out a matching annotator leaves matches - 1, any other leaves matches
+    return sum(min(1.0, (matches - (a == prediction)) / 3) for a in humans) / len(humans)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Collate and load
 
@@ -1254,7 +1514,8 @@ class Collator:
 
     Batch keys, each present when the samples carry what it comes from: `images` (B,3,H,W) float,
     `images2`, `input_ids` / `attention_mask` / `mlm_input_ids` / `mlm_labels` (B,max_len) long, `target`
-    (B,A) float, `label` (B,), `image_id` (B,), `question_id` (B,), `mask` (B,H,W) long.
+    (B,A) float, `label` (B,), `image_id` (B,), `question_id` (B,), `mask` (B,H,W) long, and in evaluation
+    batches (train=False) `answers`, a list of B lists of human answers (strings).
 
     Randomness. MLM masking keeps no state: each batch gets a fresh torch.Generator seeded from `seed`
     (None counts as 0) and a hash of the batch's token ids. So the masks are a function of the batch
@@ -1268,7 +1529,8 @@ class Collator:
     def __init__(self, tokenizer, max_len=40, mlm_prob=0.15, image_size=None, train=False, randaugment=True,
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), seed=None):
         self.tokenizer, self.max_len, self.mlm_prob = tokenizer, max_len, mlm_prob
-        self.image_size, self.seed = image_size, seed
+        self.image_size, self.seed, self.train = image_size, seed, train
+        self.truncated = 0  # texts cut to max_len so far (see _count_truncated)
         self.augment = v2.RandAugment() if train and randaugment else None
         self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
         self.special_ids = torch.tensor(sorted(tokenizer.special_ids))
@@ -1292,6 +1554,8 @@ class Collator:
                 batch[key] = torch.stack([torch.as_tensor(s[key], dtype=dtype) for s in samples])
         if "mask" in keys:
             batch["mask"] = torch.stack([self._resize_mask(s["mask"]) for s in samples])
+        if "answers" in keys and not self.train:  # the humans' answers, as written: what VQA accuracy scores
+            batch["answers"] = [list(s["answers"]) for s in samples]
         return batch
 
     def images(self, images, augment=True):
@@ -1318,9 +1582,21 @@ class Collator:
         return mask[rows][:, columns].long()
 
     def texts(self, texts):
-        """Token ids and attention masks, (B, max_len) long each."""
-        ids, attention = zip(*(self.tokenizer.encode(t, self.max_len) for t in texts))
+        """Token ids and attention masks, (B, max_len) long each; counts the texts cut to fit (`truncated`)."""
+        tokenized = [self.tokenizer.tokenize(t) for t in texts]
+        self._count_truncated(tokenized)
+        ids, attention = zip(*(self.tokenizer.encode_tokens(t, self.max_len) for t in tokenized))
         return torch.stack(ids), torch.stack(attention)
+
+    def _count_truncated(self, tokenized):
+        """Cutting text loses words silently (a caption loses an object): warn once per Collator (per DataLoader
+        worker, each holding its own copy), with the count so far; `truncated` keeps counting."""
+        longest = max(map(len, tokenized), default=0)
+        cut = sum(len(t) > self.max_len - 2 for t in tokenized)
+        if cut and not self.truncated:
+            warnings.warn(f"Collator: {cut} text(s) cut to max_len {self.max_len} so far (one had {longest + 2} "
+                          f"tokens with [CLS] and [SEP]); raise max_len to keep every word", stacklevel=3)
+        self.truncated += cut
 
     def text(self, texts):
         """The batch's text fields: clean ids and mask, and their MLM-corrupted copy with labels."""

@@ -28,7 +28,8 @@ The file reads in five parts:
 3. Distances between two weight vectors, Sec. 7 / Table 5: ``l2_distance``,
    ``cosine_dissimilarity``, ``ssd`` (Eq. 1) and ``tssd``.
 4. ``modality_weights`` pairs the vision and language experts of one checkpoint, so that
-   ``tssd(*modality_weights(state_dict))`` is a number of Table 5.
+   ``tssd(*modality_weights(state_dict))`` is a number of Table 5; ``modality_vectors`` gives the same
+   pairs less their shared start W_0 (τ_m = W_m − W_0), to measure what the experts learned.
 5. Merging over time (Dziadzio et al., CVPR 2025, "TIME"): ``TemporalMerge`` chooses, as experts
    arrive one task after another, the weights each new expert starts from (init) and the weights
    that are shipped (deploy), merging with interpolation, task arithmetic, TIES, DARE or MagMax of
@@ -628,6 +629,19 @@ def modality_weights(state_dict: StateDict, a: str = "v", b: str = "l") -> tuple
     if not weights_a:
         raise ValueError(f"no key has both a {a!r} and a {b!r} expert")
     return weights_a, weights_b
+
+
+def modality_vectors(state_dict: StateDict, init_state: StateDict, a: str = "v", b: str = "l") -> tuple:
+    """The modality vectors τ_a = W_a − W_0 and τ_b = W_b − W_0 (Sec. 4.1) as two state dicts keyed by the maa
+    key, for the keys of `modality_weights`; W_0 = init_state[maa key], the weights both experts started from
+    (the seed checkpoint, or the initial maa / ViT weights). Distances between them compare what each expert
+    learned: their sign conflicts are what TIES resolves. New float32 tensors."""
+    weights_a, weights_b = modality_weights(state_dict, a, b)
+    tau_a, tau_b = {}, {}
+    for key in weights_a:
+        w0 = _seed_tensor(init_state, key, {"v": weights_a[key]}).float()
+        tau_a[key], tau_b[key] = weights_a[key].float() - w0, weights_b[key].float() - w0
+    return tau_a, tau_b
 
 
 # ---------------------------------------------------------------------------------------------

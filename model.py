@@ -31,6 +31,7 @@ The lower N-M layers are common to both routes, so `lower()` is computed once an
 """
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -188,6 +189,15 @@ def build_heads(model: nn.Module, cfg: ModelConfig) -> None:
 # ----------------------------------------------------------------------------------------------
 # The model.
 
+class Routes(NamedTuple):
+    """What `VLTransformer.routes` computes for a batch of (image, text) pairs."""
+    image_lower: torch.Tensor   # (B, 1+P, D) after the lower N-M layers (v experts)
+    text_lower: torch.Tensor    # (B, L, D) after the lower N-M layers (l experts)
+    image: torch.Tensor         # (B, 1+P, D) retrieval route, vision side
+    text: torch.Tensor          # (B, L, D) retrieval route, language side
+    fused: torch.Tensor         # (B, 1+P+L, D) fusion route (vl experts on top)
+
+
 class VLTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -259,14 +269,13 @@ class VLTransformer(nn.Module):
             x = block(x, modality, mask)
         return route(self.norm, modality)(x)
 
-    def encode_image(self, images):
-        """Retrieval route, vision side: all N layers of the vision experts. (B, 1+P, D)"""
-        return self.upper(self.lower(self.embed_image(images), "v"), "v")
+    def image_lower(self, images):
+        """Images through the lower N-M layers of the vision experts. (B, 1+P, D)"""
+        return self.lower(self.embed_image(images), "v")
 
-    def encode_text(self, input_ids, attention_mask):
-        """Retrieval route, language side: all N layers of the language experts. (B, L, D)"""
-        mask = attention_mask.bool()
-        return self.upper(self.lower(self.embed_text(input_ids), "l", mask), "l", mask)
+    def text_lower(self, input_ids, attention_mask):
+        """Text through the lower N-M layers of the language experts. (B, L, D)"""
+        return self.lower(self.embed_text(input_ids), "l", attention_mask.bool())
 
     def fuse(self, image_lower, text_lower, attention_mask):
         """Fusion route, top half: [image; text] through the M layers with the `vl` experts."""
@@ -275,18 +284,39 @@ class VLTransformer(nn.Module):
         mask = torch.cat([image_mask, attention_mask], dim=1).bool()     # (B, 1+P+L)
         return self.upper(x, "vl", mask)
 
+    def routes(self, images, input_ids, attention_mask) -> "Routes":
+        """Both routes of Fig. 2b for a batch of pairs, the shared lower layers computed once: every
+        expert sees exactly its own modality (images -> v, text -> l, the pair -> vl). Pre-training and
+        RegMean's Gram collection both run this; the single-modality encoders below are its halves."""
+        image_lower, text_lower = self.image_lower(images), self.text_lower(input_ids, attention_mask)
+        return Routes(image_lower, text_lower,
+                      image=self.upper(image_lower, "v"),                                   # (B, 1+P, D)
+                      text=self.upper(text_lower, "l", attention_mask.bool()),              # (B, L, D)
+                      fused=self.fuse(image_lower, text_lower, attention_mask))             # (B, 1+P+L, D)
+
+    def encode_image(self, images):
+        """Retrieval route, vision side: all N layers of the vision experts. (B, 1+P, D)"""
+        return self.upper(self.image_lower(images), "v")
+
+    def encode_text(self, input_ids, attention_mask):
+        """Retrieval route, language side: all N layers of the language experts. (B, L, D)"""
+        return self.upper(self.text_lower(input_ids, attention_mask), "l", attention_mask.bool())
+
     def encode_pair(self, images, input_ids, attention_mask):
         """Fusion route end to end (Fig. 2b right). (B, 1+P+L, D); token 0 is the image [CLS]."""
-        image_lower = self.lower(self.embed_image(images), "v")
-        text_lower = self.lower(self.embed_text(input_ids), "l", attention_mask.bool())
-        return self.fuse(image_lower, text_lower, attention_mask)
+        return self.fuse(self.image_lower(images), self.text_lower(input_ids, attention_mask), attention_mask)
 
     # -- heads ----------------------------------------------------------------------------------
+    def itc_image(self, image_feats):
+        """Unit-norm ITC embedding from the image [CLS] token, in float32 (the similarities need it). (B, D)"""
+        return F.normalize(self.itc_image_proj(image_feats[:, 0]).float(), dim=-1)
+
+    def itc_text(self, text_feats):
+        """Unit-norm ITC embedding from the text [CLS] token, in float32. (B, D)"""
+        return F.normalize(self.itc_text_proj(text_feats[:, 0]).float(), dim=-1)
+
     def itc_embed(self, image_feats, text_feats):
-        """Unit-norm ITC embeddings from each modality's [CLS] token. (B, D), (B, D)"""
-        image = F.normalize(self.itc_image_proj(image_feats[:, 0]), dim=-1)
-        text = F.normalize(self.itc_text_proj(text_feats[:, 0]), dim=-1)
-        return image, text
+        return self.itc_image(image_feats), self.itc_text(text_feats)
 
     def itm_logits(self, fused):
         return self.itm_head(self.pooler(fused[:, 0]))                  # (B, 2)
@@ -383,9 +413,25 @@ def resize_pos_embed(pos_embed, num_patches: int):
     return torch.cat([cls, rearrange(grid, "1 d h w -> 1 (h w) d").to(pos_embed.dtype)], dim=1)
 
 
+# The top-level names of a state dict's keys, by what they are. A key belongs by its FIRST component,
+# compared exactly (a prefix test would let "cls_" match the backbone's "cls_token").
+BACKBONE = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")       # what a timm ViT provides
+HEADS = {  # task -> the head modules build_heads makes for it
+    "pretrain": ("itc_image_proj", "itc_text_proj", "logit_scale", "pooler", "itm_head", "mlm_head"),
+    "retrieval": ("itc_image_proj", "itc_text_proj", "logit_scale"),
+    "vqa": ("pooler", "vqa_head"), "nlvr2": ("pooler", "nlvr2_head"),
+    "cls": ("cls_norm", "cls_head"), "seg": ("seg_head",),
+}
+
+
 def is_backbone_key(key: str) -> bool:
     """Keys that a timm ViT provides: patch/cls/position embeddings, blocks, final norm."""
-    return key.split(".")[0] in ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")
+    return key.split(".")[0] in BACKBONE
+
+
+def is_head_key(key: str) -> bool:
+    """Keys of a task head (any task's): what one task drops or builds fresh when it starts from another's."""
+    return key.split(".")[0] in {name for names in HEADS.values() for name in names}
 
 
 @torch.no_grad()

@@ -4,8 +4,8 @@ Fig. 1; Dziadzio et al. 2025).
     python vlmerge.py recipe --preset tiny            # pre-train, merge, fine-tune, evaluate, REPORT.md
     python vlmerge.py temporal --preset tiny --grid   # init × deploy × technique over a task stream, TEMPORAL.md
     python vlmerge.py merge CKPT --method interpolation --alpha 0.75 -o merged.pt
-    python vlmerge.py distance CKPT [CKPT2]           # L2, cosine, SSD, TSSD (Sec. 7)
-    python vlmerge.py eval CKPT --task vqa
+    python vlmerge.py distance CKPT [CKPT2] [--init-state W0]  # L2, cosine, SSD, TSSD (Sec. 7), per layer
+    python vlmerge.py eval CKPT --task vqa            # + --eval-data / --eval-annotations: real files
     python vlmerge.py bench --quick                   # speed and memory vs references
 
 The recipe (`recipe`), stage by stage -- each stage is an ordinary train.py run or a merge, its
@@ -16,13 +16,17 @@ output under OUT/<stage>/, reused when its metrics.json exists (so an interrupte
   1. Table 1   maa and msa pre-trained from W⁰; the merging baseline = that msa, interpolated α=0.5.
   2. Fig. 3    seed pre-training: maa for K_seed steps, then msa from it for K_VL, K_seed + K_VL = K.
                The maa seeds are snapshots of the maa run of step 1 at step K_seed (train.py --keep-at):
-               one maa run serves the whole sweep.
+               one maa run serves the whole sweep. With --seeds N, steps 1-2 run once per pre-training
+               seed (seed s > 0 under OUT/s<s>/) and Table 1, Fig. 3, Table 5 report mean ± std.
   3. Table 2   the default seeded msa merged by interpolation (α), modality arithmetic (λ), RegMean (γ);
-           3b  every merged model scored right away by zero-shot retrieval (ITC), before fine-tuning.
+           3b  every merged model scored right away by zero-shot retrieval (ITC), before fine-tuning,
+               on test (reported) and on val (selection: α, λ, γ and the best method -> `ours`).
   4. Tables 1-3 fine-tuning on VQA, retrieval (and NLVR2 / classification / segmentation by preset).
-     4b Fig. 4 the shared-weight variants through the same seed -> VL -> merge -> fine-tune path.
-  5. Table 5   L2 / cosine / SSD / TSSD between the vision and language experts of each msa, the
-               merge drop, and the Pearson correlation of each metric with the drop.
+     4b Fig. 4 the shared-weight variants through the same seed -> VL -> merge (val-chosen α) -> fine-tune.
+  5. Table 5   L2 / cosine / SSD / TSSD between the vision and language experts of each msa, on the
+               weights and on the modality vectors τ_m = W_m − W⁰, the merge drop, and the Pearson
+               correlation of each metric with the drop over every (seed, K_seed) point (Fisher-z interval,
+               range leaving one point out).
 
 Merging over time (`temporal`): a base maa θ_0, then T tasks; per task, TIME's init phase picks the weights
 the expert starts from, train.fit trains it, it is stored, the deploy phase picks the shipped weights, and
@@ -43,6 +47,7 @@ import re
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -62,7 +67,7 @@ class Preset:
     fusion_layers: int = 2
     image_size: int = 224
     patch_size: int = 16
-    max_len: int = 40
+    max_len: int = 40              # Sec. 5; the synthetic world's texts take up to 31 (data.py: "Text length")
     batch_size: int = 1024
     lr: float = 2e-4
     precision: str = "bf16"
@@ -73,7 +78,8 @@ class Preset:
     alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     lams: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     gammas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
-    gram_batches: int = 8
+    gram_samples: int = 512        # RegMean: pre-training samples whose linear-layer inputs make the Grams
+    # task -> fine-tuning steps (at batch_size, finetune_lr), or None: train.py --paper's Table 6 schedule
     finetune: dict = dataclasses.field(default_factory=lambda: {"vqa": 1000, "retrieval": 1000})
     finetune_lr: float = 1e-4
     finetune_seeds: int = 1        # >1: the spread of one number over fine-tuning seeds
@@ -85,22 +91,24 @@ class Preset:
 
 PRESETS = {
     # every stage, a few steps each: the test suite runs this (101 s on 2 CPU cores)
-    "smoke": Preset(depth=2, fusion_layers=1, image_size=32, patch_size=8, max_len=24, batch_size=16, lr=1e-3,
-                    precision="fp32", init_steps=4, pretrain_steps=6, seed_fracs=(0.5,), gram_batches=2,
+    "smoke": Preset(depth=2, fusion_layers=1, image_size=32, patch_size=8, max_len=32, batch_size=16, lr=1e-3,
+                    precision="fp32", init_steps=4, pretrain_steps=6, seed_fracs=(0.5,), gram_samples=32,
                     alphas=(0.0, 0.5, 1.0), lams=(0.5, 1.0), gammas=(0.5, 1.0),
                     finetune={"vqa": 3, "retrieval": 3, "nlvr2": 2, "cls": 2, "seg": 2}, finetune_lr=1e-3,
                     finetune_seeds=2, finetune_sweeps=True),
-    # the README's headline reproduction: 12.4 minutes on 2 CPU cores (+5.4 with --ablation)
+    # the README's headline reproduction: 12.4 minutes on 2 CPU cores (+5.4 with --ablation), measured before
+    # max_len 32 and the val-split scoring of every merge (re-measure); K_seed/K = 0.875 costs 38 msa steps and
+    # makes 5 points per pre-training seed for Table 5's r (15 with --seeds 3)
     # init_steps=0: a random W⁰, because our image-only stand-in for BEiT hurt VL learning at this
     # scale (README, "Departures"); the smoke preset still runs stage 0
-    "tiny": Preset(depth=4, fusion_layers=2, image_size=32, patch_size=8, max_len=24, batch_size=64, lr=5e-4,
-                   precision="bf16", init_steps=0, pretrain_steps=300, seed_fracs=(0.25, 0.5, 0.75),
-                   gram_batches=8, finetune={"vqa": 150, "retrieval": 100}, finetune_lr=5e-4,
+    "tiny": Preset(depth=4, fusion_layers=2, image_size=32, patch_size=8, max_len=32, batch_size=64, lr=5e-4,
+                   precision="bf16", init_steps=0, pretrain_steps=300, seed_fracs=(0.25, 0.5, 0.75, 0.875),
+                   gram_samples=512, finetune={"vqa": 150, "retrieval": 100}, finetune_lr=5e-4,
                    finetune_seeds=3, finetune_sweeps=False, ablation=False),
     # Sec. 5 / Table 6: ViT-B/16 at 224 px, batch 1024, 200k steps; real data; GPUs via torchrun
-    "paper": Preset(arch="vit_base", init_steps=None, gram_batches=64,
-                    finetune={"vqa": 20_000, "retrieval": 20_000, "nlvr2": 10_000, "cls": 50_000, "seg": 40_000},
-                    finetune_lr=3e-5, finetune_seeds=1, ablation=True),
+    "paper": Preset(arch="vit_base", init_steps=None, gram_samples=65_536,
+                    finetune=dict.fromkeys(("vqa", "retrieval", "nlvr2", "cls", "seg")),  # Table 6, per task
+                    finetune_seeds=1, ablation=True),
 }
 
 # The paper's numbers, beside which ours are reported (Tables 1, 2, 3, 5).
@@ -120,16 +128,52 @@ PAPER = {
                "cosine": [0.371, 0.264, 0.163, 0.098, 0.938], "ssd": [0.198, 0.161, 0.125, 0.104, 0.939],
                "tssd": [0.066, 0.037, 0.015, 0.006, 0.971], "drop": [9.16, 4.50, 2.80, 2.60]},
 }
+GRAM_BATCH = 64  # samples per forward while collecting Grams (memory only: the Grams are sums over samples)
 METRICS = {"l2": merge.l2_distance, "cosine": merge.cosine_dissimilarity, "ssd": merge.ssd, "tssd": merge.tssd}
+# the Table 2 sweeps: method -> (its option, the preset field of its values, its symbol)
+SWEEPS = {"interpolation": ("alpha", "alphas", "α"), "modality_arithmetic": ("lam", "lams", "λ"),
+          "regmean": ("gamma", "gammas", "γ")}
 
 
 def fmt(x, digits=2):
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+TABLE5_METRICS = [*METRICS, *(f"tau_{m}" for m in METRICS)]  # on the weights W_m, and on τ_m = W_m − W⁰
+
+
+def run_prefix(seed):
+    """Where the models of pre-training seed `seed` live: OUT/ itself for seed 0, OUT/s<seed>/ for the others."""
+    return f"s{seed}/" if seed else ""
+
+
+def sweep_point(run, frac):
+    """The {"frac", "steps", "before", "after"} of one K_seed / K in a pre-training seed's sweep."""
+    return next(point for point in run["sweep"] if point["frac"] == frac)
+
+
+def pearson_interval(r, n, level=0.95):
+    """The confidence interval of a Pearson r over n points by Fisher's z: atanh(r) is about normal with
+    standard error 1 / sqrt(n − 3); None below 4 points or without r."""
+    if r is None or n < 4:
+        return None
+    if abs(r) == 1:
+        return [r, r]
+    half = statistics.NormalDist().inv_cdf((1 + level) / 2) / math.sqrt(n - 3)
+    return [math.tanh(math.atanh(r) - half), math.tanh(math.atanh(r) + half)]
+
+
+def pearson_range(xs, ys):
+    """[min, max] of r with any one point left out: whether a single point decides r (None below 4 points)."""
+    if len(xs) < 4:
+        return None
+    rs = [pearson(xs[:i] + xs[i + 1:], ys[:i] + ys[i + 1:]) for i in range(len(xs))]
+    return None if None in rs else [min(rs), max(rs)]
+
+
 def pearson(xs, ys):
-    """Pearson correlation coefficient; None when either series is constant (or too short)."""
-    if len(xs) < 2:
+    """Pearson correlation coefficient; None when either series is constant, too short or has a gap (None)."""
+    if len(xs) < 2 or None in xs or None in ys:
         return None
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
@@ -137,50 +181,121 @@ def pearson(xs, ys):
     return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
 
 
-def distances(state_dict, other=None) -> dict:
-    """The four Sec. 7 metrics: between the v and l experts of one state dict, or two state dicts."""
-    a, b = merge.modality_weights(state_dict) if other is None else (state_dict, other)
-    return {name: metric(a, b) for name, metric in METRICS.items()}
+def select_on_val(models, source, preset) -> dict:
+    """Model selection on val, never on test: for each sweep of Table 2 the value whose merged model has the best
+    zero-shot retrieval on val (ties: the first listed), then the best of those three methods.
+
+    {method: {"value", "name", "val", "test"}, "best": {"method", "value", "name", "val", "test"}, "source"}
+    """
+    out = {}
+    for method, (_, field, _) in SWEEPS.items():
+        names = {v: f"{source}~{method}{v}" for v in preset[field]}
+        value = max(names, key=lambda v: models[names[v]]["zero_shot_val"]["avg"])
+        out[method] = {"value": value, "name": names[value], "val": models[names[value]]["zero_shot_val"]["avg"],
+                       "test": models[names[value]]["zero_shot"]["avg"]}
+    method = max(SWEEPS, key=lambda m: out[m]["val"])
+    return out | {"best": {"method": method, **out[method]}, "source": source}
+
+
+def distances(state_dict, other=None, init_state=None, by_layer=False) -> dict:
+    """The four Sec. 7 metrics between the v and l experts of one state dict, or between two state dicts; with
+    init_state (W⁰) also between the modality vectors τ_v = W_v − W⁰ and τ_l = W_l − W⁰, as "tau_<metric>".
+    by_layer: {layer: {metric: value}} instead, each metric over that layer's weights alone."""
+    pairs = {"": merge.modality_weights(state_dict) if other is None else (state_dict, other)}
+    if init_state is not None:
+        pairs["tau_"] = merge.modality_vectors(state_dict, init_state)
+    if not by_layer:
+        return {prefix + name: metric_or_none(metric, a, b) for prefix, (a, b) in pairs.items()
+                for name, metric in METRICS.items()}
+    layers = {}
+    for prefix, (a, b) in pairs.items():
+        for layer, keys in group_by_layer(a).items():
+            part_a, part_b = {k: a[k] for k in keys}, {k: b[k] for k in keys}
+            row = layers.setdefault(layer, {})
+            row.update({prefix + name: metric_or_none(metric, part_a, part_b) for name, metric in METRICS.items()})
+    return layers
+
+
+def group_by_layer(state_dict) -> dict:
+    """'blocks.3.attn.qkv.weight' -> 'blocks.3'; any other key -> its first segment ('norm'); in key order."""
+    groups = {}
+    for key in state_dict:
+        parts = key.split(".")
+        groups.setdefault(".".join(parts[:2]) if parts[0] == "blocks" else parts[0], []).append(key)
+    return groups
+
+
+def metric_or_none(metric, a, b):
+    """A metric, or None where it is undefined (the cosine of an all-zero vector: a layer that never moved)."""
+    try:
+        return metric(a, b)
+    except ValueError:
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
 # Merging a checkpoint file (the `merge` command and recipe stage 3).
 
 def modality_forward(model, batch):
-    """Every expert sees its own modality: images -> v, text -> l, the pair -> vl (Fig. 2b).
-    This is the forward whose linear inputs RegMean's Gram matrices are collected from."""
-    mask = batch["attention_mask"]
-    image_lower = model.lower(model.embed_image(batch["images"]), "v")
-    text_lower = model.lower(model.embed_text(batch["input_ids"]), "l", mask.bool())
-    model.upper(image_lower, "v")
-    model.upper(text_lower, "l", mask.bool())
-    model.fuse(image_lower, text_lower, mask)
+    """RegMean's Gram forward: both routes of Fig. 2b, so every expert sees its own modality's inputs
+    (images -> v, text -> l, the pair -> vl). The same method pre-training runs (model.routes)."""
+    model.routes(batch["images"], batch["input_ids"], batch["attention_mask"])
 
 
-def gram_batches(checkpoint, n_batches, batch_size, world_seed=0):
-    """n pre-training batches of the synthetic world (no augmentation, no masking needed)."""
+# train.py's flags that name the pre-training data; a checkpoint written by train.py keeps their values
+DATA_FLAGS = ("data", "image_root", "vocab", "world_seed")
+
+
+def data_flags(values: dict) -> list:
+    """train.py's data flags from a dict of their values (a checkpoint's saved args, or a command's)."""
+    return [x for key in DATA_FLAGS if values.get(key) is not None
+            for x in (f"--{key.replace('_', '-')}", str(values[key]))]
+
+
+def gram_batches(checkpoint, samples, batch_size, flags=None):
+    """RegMean's inputs: `samples` pre-training samples (a fixed shuffle, no augmentation) of the data that
+    `flags` name (train.py's --data / --image-root / --vocab; default: the checkpoint's own, from its
+    saved args; none at all: the synthetic world), tokenized by that data's tokenizer at the checkpoint's
+    shapes. Returns a list of collated batches (on the CPU)."""
+    if "config" not in checkpoint:
+        raise ValueError("--method regmean needs a vlmerge checkpoint (with 'config') to collect Gram matrices")
     cfg = checkpoint["config"]
-    world = data.SyntheticWorld(seed=world_seed, image_size=cfg["image_size"])
-    collate = data.Collator(world.tokenizer(), max_len=cfg["max_text_len"], image_size=cfg["image_size"])
-    loader = torch.utils.data.DataLoader(world.dataset("pretrain", "train"), batch_size, shuffle=False,
-                                         collate_fn=collate)
-    return [batch for _, batch in zip(range(n_batches), loader)]
+    flags = list(flags) if flags else data_flags(checkpoint.get("args") or {})  # the checkpoint's own data
+    args = train.parse_args(flags + ["--image-size", str(cfg["image_size"]), "--max-len", str(cfg["max_text_len"])])
+    dataset, _, tokenizer, _ = train.make_data(args, "pretrain", evaluation=False)
+    if len(tokenizer) != cfg["vocab_size"]:  # another tokenizer's ids would index the wrong words
+        source = f"--vocab {args.vocab}" if args.vocab else "the synthetic world's tokenizer"
+        raise ValueError(f"RegMean's data: {source} has {len(tokenizer)} tokens, the checkpoint's word embedding "
+                         f"{cfg['vocab_size']}: give the --data / --vocab it was pre-trained with")
+    collate = data.Collator(tokenizer, max_len=cfg["max_text_len"], image_size=cfg["image_size"])
+    subset = torch.utils.data.Subset(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+                                     [:samples].tolist())
+    return list(torch.utils.data.DataLoader(subset, batch_size, shuffle=False, collate_fn=collate))
 
 
-def merge_checkpoint(checkpoint, method, init=None, batches=None, **options) -> dict:
+def checkpoint_grams(checkpoint, batches, device="cpu") -> dict:
+    """RegMean's Gram matrices of a vlmerge checkpoint's linear layers on `batches`, collected on `device`
+    (returned on the CPU, where the merge runs)."""
+    model = train.model_from_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["model"], strict=True)
+    model.to(device)
+    on_device = (train.to_device(batch, device) for batch in batches)
+    grams = merge.collect_grams(model, on_device, forward=modality_forward)
+    return {k: g.cpu() for k, g in grams.items()}
+
+
+def merge_checkpoint(checkpoint, method, init=None, grams=None, **options) -> dict:
     """A maa checkpoint merged from an msa-family one. `init` (a checkpoint) gives W_0 for the
-    methods that subtract it; `batches` feed RegMean's Gram matrices."""
+    methods that subtract it; `grams` (checkpoint_grams) are RegMean's."""
     state = checkpoint["model"]
     if method in ("modality_arithmetic", "ties", "dare"):
         if init is None:
             raise ValueError(f"--method {method} needs --init-state (the seed / initial maa checkpoint: W_0)")
         options["init_state"] = init["model"]
     if method == "regmean":
-        if "config" not in checkpoint:
-            raise ValueError("--method regmean needs a vlmerge checkpoint (with 'config') to collect Gram matrices")
-        model = train.model_from_checkpoint(checkpoint)
-        model.load_state_dict(state, strict=True)
-        options["grams"] = merge.collect_grams(model, batches, forward=modality_forward)
+        if grams is None:
+            raise ValueError("--method regmean needs Gram matrices (checkpoint_grams)")
+        options["grams"] = grams
     merged = merge.merge_modalities(state, method, **options)
     out = {k: v for k, v in checkpoint.items() if k in ("arch", "task", "step")}
     if "config" in checkpoint:
@@ -189,23 +304,32 @@ def merge_checkpoint(checkpoint, method, init=None, batches=None, **options) -> 
     return out | {"model": merged, "variant": "maa", "merge": {"method": method, **shown}}
 
 
+def default_device():
+    """The device a run trains on: this process's GPU, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 # ----------------------------------------------------------------------------------------------
 # The recipe.
 
 class Recipe:
     """Runs the stages of the module docstring, caching each under OUT/<stage>/."""
 
-    def __init__(self, preset: Preset, out: str, init=None, dry_run=False):
-        self.p, self.out, self.init, self.dry_run = preset, out, init, dry_run
+    def __init__(self, preset: Preset, out: str, init=None, dry_run=False, seeds=1):
+        self.p, self.out, self.init, self.dry_run, self.seeds = preset, out, init, dry_run, seeds
         self.plan = []  # the train.py command lines, for --dry-run and the report
         self.models = {}  # name -> {"ckpt": path, "variant": str, "zero_shot": {...}, task: {...}}
+        self.gram_cache = {}  # model name -> RegMean's Gram matrices
         os.makedirs(out, exist_ok=True)
 
     # -- running one stage ------------------------------------------------------------------------
-    def flags(self, task="pretrain"):
+    def flags(self, task="pretrain", image_size=True):
+        """The shape and data flags of a stage; image_size=False leaves the size to train.py's profile
+        (Table 6 fine-tunes at 384 / 480 px: the position embedding is resized on loading)."""
         p = self.p
-        return ["--arch", p.arch, "--depth", str(p.depth), "--fusion-layers", str(p.fusion_layers),
-                "--image-size", str(p.image_size), "--patch-size", str(p.patch_size), "--max-len", str(p.max_len),
+        size = ["--image-size", str(p.image_size)] if image_size else []
+        return ["--arch", p.arch, "--depth", str(p.depth), "--fusion-layers", str(p.fusion_layers), *size,
+                "--patch-size", str(p.patch_size), "--max-len", str(p.max_len),
                 "--precision", p.precision, "--eval-split", p.eval_split, "--quiet", *p.data.get(task, [])]
 
     def stage(self, name, argv) -> dict:
@@ -235,6 +359,7 @@ class Recipe:
         image-only pre-training for init_steps, or with init_steps=0 a random init (saved all the same,
         so that maa, msa and the seeds still start from one and the same W⁰)."""
         if self.init:
+            self.models["init_vit"] = {"ckpt": self.init, "variant": "maa", "stage": {}}
             return self.init
         if self.p.init_steps is None:
             raise ValueError("preset needs --init PATH (a timm-format ViT, e.g. BEiT converted): it has no stage 0")
@@ -261,61 +386,88 @@ class Recipe:
         return path
 
     # -- stages 1-2: pre-training ------------------------------------------------------------------
-    def pretrain(self, name, variant, steps, init, keep_at=()):
+    def pretraining(self, w0, seed) -> dict:
+        """Stages 1-2 for one pre-training seed: maa (keeping the K_seed snapshots), msa, and the seeded msa of
+        every K_seed, each msa merged with α = 0.5 (the merging baseline; Fig. 3, Table 5). Returns the names."""
+        p, at = self.p, run_prefix(seed)
+        fracs = sorted({*p.seed_fracs, p.default_frac})
+        maa = self.pretrain(at + "maa", "maa", p.pretrain_steps, w0, seed, keep_at=[self.k_seed(f) for f in fracs])
+        msa = self.pretrain(at + "msa", "msa", p.pretrain_steps, w0, seed)
+        self.models[msa]["w0"] = "init_vit"
+        sweep = [{"frac": 0.0, "before": msa}] + [{"frac": f, "before": self.seeded("msa", f, seed)} for f in fracs]
+        for point in sweep:
+            point |= {"steps": self.k_seed(point["frac"]), "after": self.merged(point["before"], "interpolation", 0.5)}
+        return {"seed": seed, "maa": maa, "msa": msa, "sweep": sweep}
+
+    def pretrain(self, name, variant, steps, init, seed=0, keep_at=()):
         extra = ["--keep-at", *map(str, keep_at)] if keep_at else []
         metrics = self.stage(name, self.flags() + ["--variant", variant, "--steps", str(steps), "--init", init,
-                                                   "--batch-size", self.batch(), "--lr", str(self.p.lr), *extra])
+                                                   "--batch-size", self.batch(), "--lr", str(self.p.lr),
+                                                   "--seed", str(seed), *extra])
         self.models[name] = {"ckpt": self.ckpt(name), "variant": variant, "zero_shot": metrics}
         return name
 
     def k_seed(self, frac):
         return round(frac * self.p.pretrain_steps)
 
-    def seeded(self, variant, frac):
+    def seeded(self, variant, frac, seed=0):
         """Seed pre-training (Sec. 4.3): maa for K_seed steps, then `variant` from it for K_VL = K - K_seed.
 
         The maa seed is the step-K_seed snapshot of the maa baseline run (kept with --keep-at), so the
-        whole K_seed sweep costs one maa run instead of one per point."""
-        k_seed = self.k_seed(frac)
-        seed = train.snapshot_path(os.path.join(self.out, "maa"), k_seed)
-        if not self.dry_run and not os.path.exists(seed):
-            raise FileNotFoundError(f"{seed}: the maa run kept no snapshot at step {k_seed}; "
-                                    f"delete {os.path.join(self.out, 'maa')} to re-run it with this preset")
-        self.models[f"seed{frac}"] = {"ckpt": seed, "variant": "maa", "zero_shot": {}}
-        return self.pretrain(f"{variant}_seed{frac}", variant, self.p.pretrain_steps - k_seed, seed)
+        whole K_seed sweep costs one maa run instead of one per point. It is also the model's W⁰ ("w0")."""
+        at, k_seed = run_prefix(seed), self.k_seed(frac)
+        snapshot = train.snapshot_path(os.path.join(self.out, at + "maa"), k_seed)
+        if not self.dry_run and not os.path.exists(snapshot):
+            raise FileNotFoundError(f"{snapshot}: the maa run kept no snapshot at step {k_seed}; "
+                                    f"delete {os.path.join(self.out, at + 'maa')} to re-run it with this preset")
+        self.models[f"{at}seed{frac}"] = {"ckpt": snapshot, "variant": "maa", "zero_shot": {}}
+        name = self.pretrain(f"{at}{variant}_seed{frac}", variant, self.p.pretrain_steps - k_seed, snapshot, seed)
+        self.models[name]["w0"] = f"{at}seed{frac}"
+        return name
 
     # -- stage 3: merging -------------------------------------------------------------------------
-    def merged(self, source, method, value, init_name=None):
+    def merged(self, source, method, value):
         """Merge model `source` and score it zero-shot (3b). Returns the merged model's name."""
-        option = {"interpolation": "alpha", "modality_arithmetic": "lam", "regmean": "gamma"}[method]
+        option = SWEEPS[method][0]
         name = f"{source}~{method}{value}"
+        if name in self.models:
+            return name
+        init_name = self.models[source]["w0"] if method == "modality_arithmetic" else None  # W_0 (Sec. 4.1)
         path = os.path.join(self.out, "merged", f"{name}.pt")
         self.plan.append(f"python vlmerge.py merge {self.ckpt(source)} --method {method} --{option} {value} -o {path}")
         if not self.dry_run and not os.path.exists(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             checkpoint = train.load_checkpoint(self.ckpt(source))
             init = train.load_checkpoint(self.models[init_name]["ckpt"]) if init_name else None
-            batches = gram_batches(checkpoint, self.p.gram_batches, self.p.batch_size) if method == "regmean" else None
-            train.save_checkpoint(path, merge_checkpoint(checkpoint, method, init, batches, **{option: value}))
-        zero_shot = self.stage(f"zero_shot/{name}", self.flags() + ["--variant", "maa", "--eval-only", "--init", path])
-        self.models[name] = {"ckpt": path, "variant": "maa", "zero_shot": zero_shot}
+            grams = self.grams(source, checkpoint) if method == "regmean" else None
+            train.save_checkpoint(path, merge_checkpoint(checkpoint, method, init, grams, **{option: value}))
+        self.models[name] = {"ckpt": path, "variant": "maa"}
+        # scored on test (the tables) and on val (model selection: select_on_val)
+        for key, split in (("zero_shot", self.p.eval_split), ("zero_shot_val", "val")):
+            self.models[name][key] = self.stage(f"{key}/{name}", self.flags() + [
+                "--variant", "maa", "--eval-only", "--init", path, "--eval-split", split])
         return name
 
-    def init_state_name(self, source):
-        """W_0 of modality arithmetic: the seed checkpoint that started `source` (Sec. 4.1)."""
-        frac = source.split("_seed")[-1]
-        return f"seed{frac}"
+    def grams(self, source, checkpoint):
+        """RegMean's Gram matrices of `source`, collected once (they do not depend on γ) on the run's device
+        from the pre-training data of the preset (its data config), with that data's tokenizer."""
+        if source not in self.gram_cache:
+            batches = gram_batches(checkpoint, self.p.gram_samples, GRAM_BATCH, self.p.data.get("pretrain"))
+            self.gram_cache[source] = checkpoint_grams(checkpoint, batches, default_device())
+        return self.gram_cache[source]
 
     # -- stage 4: fine-tuning ---------------------------------------------------------------------
     def finetune(self, name, task, seed=0):
         model = self.models[name]
         steps = self.p.finetune[task]
         suffix = f"_s{seed}" if seed else ""
-        metrics = self.stage(f"finetune/{task}/{name}{suffix}",
-                             self.flags(task) + ["--task", task, "--variant", model["variant"], "--init", model["ckpt"],
-                                                 "--steps", str(steps), "--batch-size", self.batch(),
-                                                 "--lr", str(self.p.finetune_lr), "--warmup", str(steps // 10),
-                                                 "--seed", str(seed)])
+        common = ["--task", task, "--variant", model["variant"], "--init", model["ckpt"], "--seed", str(seed)]
+        if steps is None:  # train.py --paper: Table 6's image size, lr, global batch and epochs for this task
+            argv = self.flags(task, image_size=False) + common + ["--paper"]
+        else:
+            argv = self.flags(task) + common + ["--steps", str(steps), "--batch-size", self.batch(),
+                                                "--lr", str(self.p.finetune_lr), "--warmup", str(steps // 10)]
+        metrics = self.stage(f"finetune/{task}/{name}{suffix}", argv)
         model.setdefault("finetune", {}).setdefault(task, []).append(metrics)
         return metrics
 
@@ -323,29 +475,24 @@ class Recipe:
     def run(self) -> dict:
         p = self.p
         w0 = self.initialization()
-        # 1. baselines (Table 1); the maa run also keeps the seeds of step 2
-        fracs = sorted({*p.seed_fracs, p.default_frac})
-        self.pretrain("maa", "maa", p.pretrain_steps, w0, keep_at=[self.k_seed(f) for f in fracs])
-        self.pretrain("msa", "msa", p.pretrain_steps, w0)
-        self.merged("msa", "interpolation", 0.5)          # the merging baseline
-        # 2. seed pre-training sweep (Fig. 3), each msa merged with α = 0.5 as in Table 5
-        for frac in p.seed_fracs:
-            self.merged(self.seeded("msa", frac), "interpolation", 0.5)
-        # 3. the three methods on the recipe's msa (Table 2)
-        ours = f"msa_seed{p.default_frac}"
-        if ours not in self.models:
-            self.merged(self.seeded("msa", p.default_frac), "interpolation", 0.5)
-        for alpha in p.alphas:
-            self.merged(ours, "interpolation", alpha)
-        for lam in p.lams:
-            self.merged(ours, "modality_arithmetic", lam, init_name=self.init_state_name(ours))
-        for gamma in p.gammas:
-            self.merged(ours, "regmean", gamma)
-        best = self.merged(ours, "interpolation", 0.75)   # Sec. 6.4: "a ratio around 0.75"
-        # 4. fine-tuning (Tables 1, 3): maa, msa, merging baseline, ours
-        table = {"maa": "maa", "msa": "msa", "merging_baseline": "msa~interpolation0.5", "ours": best}
-        for task in p.finetune:
-            for name in table.values():
+        # 1-2. Table 1's pre-trained models and Fig. 3's K_seed sweep, once per pre-training seed
+        runs = [self.pretraining(w0, seed) for seed in range(self.seeds)]
+        # 3. the three methods on the recipe's msa of the first seed (Table 2)
+        ours = sweep_point(runs[0], p.default_frac)["before"]
+        for method, (_, field, _) in SWEEPS.items():
+            for value in getattr(p, field):
+                self.merged(ours, method, value)
+        # α, λ, γ and the method chosen on val (the paper's "α ≈ 0.75" would be a choice made on test)
+        selection = {} if self.dry_run else select_on_val(self.models, ours, dataclasses.asdict(p))
+        chosen = selection["best"] if selection else {"method": "interpolation", "value": 0.75}
+        method, value = chosen["method"], chosen["value"]
+        alpha = selection["interpolation"]["value"] if selection else 0.75
+        # 4. fine-tuning (Tables 1, 3): maa, msa, merging baseline, ours (the val choice) of every seed
+        tables = [{"maa": run["maa"], "msa": run["msa"], "merging_baseline": run["sweep"][0]["after"],
+                   "ours": self.merged(sweep_point(run, p.default_frac)["before"], method, value)} for run in runs]
+        table, best = tables[0], tables[0]["ours"]
+        for task in p.finetune:  # Table 1's tasks on every seed, Table 3's on the first
+            for name in (name for t in (tables if task in SPREAD else tables[:1]) for name in t.values()):
                 self.finetune(name, task)
         for seed in range(1, p.finetune_seeds):           # seed-to-seed spread of the headline numbers
             for task in SPREAD:
@@ -359,34 +506,42 @@ class Recipe:
         if p.ablation:
             for variant in ("custom_attn", "custom_ffn", "custom_ln"):
                 before = self.seeded(variant, p.default_frac)
-                after = self.merged(before, "interpolation", 0.75)
+                after = self.merged(before, "interpolation", alpha)
                 for name in (before, after):
                     self.finetune(name, "vqa")
                 ablation[variant] = {"before": before, "after": after}
-        ablation["msa"] = {"before": ours, "after": best}
-        if "vqa" in p.finetune:
-            self.finetune(ours, "vqa")                     # the msa before merging (Fig. 4)
-        # 5. distances vs the merge drop (Table 5)
-        table5 = self.distance_table()
-        return {"table": table, "ablation": ablation, "table5": table5}
+        ablation["msa"] = {"before": ours, "after": self.merged(ours, "interpolation", alpha)}
+        for name in ablation["msa"].values() if "vqa" in p.finetune else []:
+            if "vqa" not in self.models[name].get("finetune", {}):
+                self.finetune(name, "vqa")                 # the msa before merging (Fig. 4), after if not yet
+        # 5. distances vs the merge drop over every (seed, K_seed) point (Table 5)
+        table5 = self.distance_table(runs)
+        return {"table": table, "tables": tables, "sweeps": [run["sweep"] for run in runs], "ablation": ablation,
+                "table5": table5, "selection": selection}
 
-    def distance_table(self):
+    def distance_table(self, runs):
+        """Table 5: the metrics between the v and l experts, on the weights and on τ_m = W_m − W⁰ (W⁰: what the
+        msa started from), and the merge drop, for every (seed, K_seed) point; Pearson r with a 95% interval."""
         rows = {}
-        for name in ["msa"] + [f"msa_seed{f}" for f in self.p.seed_fracs]:
-            if self.dry_run:
-                continue
-            state = train.load_checkpoint(self.ckpt(name))["model"]
-            before = self.models[name]["zero_shot"]["avg"]
-            after = self.models[f"{name}~interpolation0.5"]["zero_shot"]["avg"]
-            rows[name] = distances(state) | {"drop": before - after}
+        for run in runs:
+            for point in run["sweep"] if not self.dry_run else []:
+                name = point["before"]
+                state = train.load_checkpoint(self.ckpt(name))["model"]
+                init = train.load_checkpoint(self.models[self.models[name]["w0"]]["ckpt"])["model"]
+                drop = self.models[name]["zero_shot"]["avg"] - self.models[point["after"]]["zero_shot"]["avg"]
+                rows[name] = {"seed": run["seed"], "frac": point["frac"], **distances(state, init_state=init),
+                              "drop": drop}
         drops = [r["drop"] for r in rows.values()]
-        corr = {m: pearson([r[m] for r in rows.values()], drops) for m in METRICS}
-        return {"rows": rows, "correlation": corr}
+        corr = {m: pearson([r[m] for r in rows.values()], drops) for m in TABLE5_METRICS}
+        interval = {m: pearson_interval(r, len(rows)) for m, r in corr.items()}
+        leave_one_out = {m: pearson_range([r[m] for r in rows.values()], drops) for m in TABLE5_METRICS}
+        return {"rows": rows, "correlation": corr, "interval": interval, "leave_one_out": leave_one_out,
+                "points": len(rows)}
 
 
 def build_only(argv):
     """--dry-run: check a stage's flags and build its model (on the meta device: no memory)."""
-    args = train.build_parser().parse_args(argv)
+    args = train.resolve_defaults(train.build_parser().parse_args(argv))  # not parse_args: no file is read
     with torch.device("meta"):
         train.model_from_args(args, vocab_size=30522)
 
@@ -404,52 +559,89 @@ def table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
+def stats(values) -> dict | None:
+    """Mean and std over pre-training seeds (std None for one seed); None when no seed has the number."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+def pm(st, show=fmt):
+    """A cell: mean ± std over seeds, the mean alone for one seed."""
+    if st is None:
+        return "–"
+    return show(st["mean"]) if st["std"] is None else f"{show(st['mean'])} ± {show(st['std'])}"
+
+
+TABLE1_COLUMNS = {"vqa": ("vqa", "vqa_score"), "tr_avg": ("retrieval", "tr_avg"), "ir_avg": ("retrieval", "ir_avg")}
+
+
+def over_seeds(r) -> dict:
+    """Table 1, Fig. 3 and Table 5 as mean ± std over the pre-training seeds (what the report prints)."""
+    m = r["models"]
+
+    def cell(name, column):
+        return m[name]["zero_shot"].get("avg") if column == "zero_shot" else first(m[name], *TABLE1_COLUMNS[column])
+    table1 = {label: {c: stats([cell(t[label], c) for t in r["tables"]]) for c in [*TABLE1_COLUMNS, "zero_shot"]}
+              for label in r["table"]}
+    fig3 = []
+    for i, point in enumerate(r["sweeps"][0]):
+        before = [m[sweep[i]["before"]]["zero_shot"]["avg"] for sweep in r["sweeps"]]
+        after = [m[sweep[i]["after"]]["zero_shot"]["avg"] for sweep in r["sweeps"]]
+        fig3.append({"frac": point["frac"], "steps": point["steps"], "before": stats(before), "after": stats(after),
+                     "drop": stats([b - a for b, a in zip(before, after)])})
+    rows = list(r["table5"]["rows"].values())
+    table5 = [{"frac": point["frac"], **{k: stats([row[k] for row in rows if row["frac"] == point["frac"]])
+                                         for k in [*TABLE5_METRICS, "drop"]}} for point in r["sweeps"][0]]
+    return {"seeds": len(r["tables"]), "table1": table1, "fig3": fig3, "table5": table5}
+
+
+def seeds_note(r):
+    n = r["over_seeds"]["seeds"]
+    return f" Mean ± std over {n} pre-training seeds." if n > 1 else ""
+
+
 def section_table1(r):
     rows = []
-    for label, name in r["table"].items():
-        m, paper = r["models"][name], PAPER["table1"].get(label, [None] * 3)
-        rows.append([label, fmt(first(m, "vqa", "vqa_score")), fmt(first(m, "retrieval", "tr_avg")),
-                     fmt(first(m, "retrieval", "ir_avg")), fmt(m["zero_shot"].get("avg")), *map(fmt, paper)])
+    for label, cells in r["over_seeds"]["table1"].items():
+        paper = PAPER["table1"].get(label, [None] * 3)
+        rows.append([label, *(pm(cells[c]) for c in [*TABLE1_COLUMNS, "zero_shot"]), *map(fmt, paper)])
     return "## Table 1 — merging a modality-specific model, with and without seed pre-training\n\n" + table(
         ["model", "VQA", "TR avg", "IR avg", "zero-shot R avg", "paper VQA", "paper TR", "paper IR"], rows) + \
         "\n\nVQA = VQA score of the fine-tuned model; TR/IR avg = mean of R@1/5/10 after retrieval fine-tuning; " \
-        "zero-shot = mean of TR/IR avg of the pre-trained (or merged) model, before fine-tuning."
+        "zero-shot = mean of TR/IR avg of the pre-trained (or merged) model, before fine-tuning; ours = the merge " \
+        "chosen on val (Table 2)." + seeds_note(r)
 
 
 def section_fig3(r):
-    rows = []
-    for row in seed_sweep(r):
-        rows.append([fmt(row["frac"]), row["steps"], fmt(row["before"]), fmt(row["after"]), fmt(row["drop"])])
+    rows = [[fmt(p["frac"]), p["steps"], pm(p["before"]), pm(p["after"]), pm(p["drop"])]
+            for p in r["over_seeds"]["fig3"]]
     return "## Fig. 3 — the length of seed pre-training (zero-shot retrieval, merged by interpolation α = 0.5)\n\n" + \
-        table(["K_seed / K", "K_seed steps", "msa before merging", "after merging", "drop"], rows)
-
-
-def seed_sweep(r):
-    k = r["preset"]["pretrain_steps"]
-    out = []
-    for frac in [0.0] + list(r["preset"]["seed_fracs"]):
-        name = "msa" if frac == 0 else f"msa_seed{frac}"
-        before = r["models"][name]["zero_shot"]["avg"]
-        after = r["models"][f"{name}~interpolation0.5"]["zero_shot"]["avg"]
-        out.append({"frac": frac, "steps": round(frac * k), "before": before, "after": after, "drop": before - after})
-    return out
+        table(["K_seed / K", "K_seed steps", "msa before merging", "after merging", "drop"], rows) + \
+        ("\n\n" + seeds_note(r).strip() if seeds_note(r) else "")
 
 
 def section_table2(r):
-    ours = f"msa_seed{r['preset']['default_frac']}"
+    sel = r["selection"]
     parts = []
-    for method, symbol, values in (("interpolation", "α", "alphas"), ("modality_arithmetic", "λ", "lams"),
-                                   ("regmean", "γ", "gammas")):
+    for method, (_, field, symbol) in SWEEPS.items():
         rows = []
-        for v in r["preset"][values]:
-            m = r["models"][f"{ours}~{method}{v}"]
+        for v in r["preset"][field]:
+            m = r["models"][f"{sel['source']}~{method}{v}"]
             paper = PAPER["table2"][method].get(v, [None] * 3)
             rows.append([v, fmt(m["zero_shot"]["tr_avg"]), fmt(m["zero_shot"]["ir_avg"]),
+                         fmt(m["zero_shot_val"]["avg"]), "✓" if v == sel[method]["value"] else "",
                          fmt(first(m, "vqa", "vqa_score")), *map(fmt, paper)])
         parts.append(f"### {method} ({symbol})\n\n" + table(
-            [symbol, "zero-shot TR avg", "zero-shot IR avg", "VQA (fine-tuned)", "paper VQA", "paper TR", "paper IR"], rows))
+            [symbol, "zero-shot TR avg", "zero-shot IR avg", "val R avg", "chosen on val", "VQA (fine-tuned)",
+             "paper VQA", "paper TR", "paper IR"], rows))
+    best = sel["best"]
     return "## Table 2 — merging methods on the seeded msa (ours: right after merging; paper: after fine-tuning)\n\n" + \
-        "\n\n".join(parts)
+        "\n\n".join(parts) + f"\n\nEach value is chosen by zero-shot retrieval on val, then the best method: " \
+        f"{best['method']} {SWEEPS[best['method']][2]} = {best['value']} (val {fmt(best['val'])}, test " \
+        f"{fmt(best['test'])}) is `ours` in Table 1. Test scores are reported, never used to choose."
 
 
 def section_table3(r):
@@ -473,53 +665,64 @@ def section_fig4(r):
                      fmt(before["zero_shot"]["avg"]), fmt(after["zero_shot"]["avg"])])
     rows.append(["maa (reference)", fmt(first(r["models"]["maa"], "vqa", "vqa_score")), "–",
                  fmt(r["models"]["maa"]["zero_shot"]["avg"]), "–"])
-    return "## Fig. 4 — shared-weight architectures, before and after merging (α = 0.75)\n\n" + table(
+    alpha = r["selection"]["interpolation"]["value"]
+    return f"## Fig. 4 — shared-weight architectures, before and after merging (α = {alpha}, chosen on val)\n\n" + table(
         ["variant", "VQA before", "VQA after", "zero-shot before", "zero-shot after"], rows)
 
 
 def section_table5(r):
-    t5 = r["table5"]
-    names = list(t5["rows"])
+    t5, points = r["table5"], r["over_seeds"]["table5"]
     # three significant digits: TSSD of barely-trained experts is orders of magnitude below L2
-    rows = [[metric, *[f"{t5['rows'][n][metric]:.3g}" for n in names], fmt(t5["correlation"][metric], 3),
-             fmt(PAPER["table5"][metric][-1], 3)] for metric in METRICS]
-    rows.append(["merge drop (zero-shot R avg)", *[fmt(t5["rows"][n]["drop"]) for n in names], "", ""])
-    fracs = ["0"] + [str(f) for f in r["preset"]["seed_fracs"]]
+    sig3 = lambda x: f"{x:.3g}"  # noqa: E731
+    rows = []
+    for metric in TABLE5_METRICS:
+        interval, loo = t5["interval"][metric], t5["leave_one_out"][metric]
+        r_cell = fmt(t5["correlation"][metric], 3)
+        r_cell += f" [{fmt(interval[0], 3)}, {fmt(interval[1], 3)}]" if interval else ""
+        loo_cell = f"{fmt(loo[0], 3)} to {fmt(loo[1], 3)}" if loo else "–"
+        paper = PAPER["table5"].get(metric, [None])[-1]
+        label = f"{metric[4:]} of τ" if metric.startswith("tau_") else metric
+        rows.append([label, *[pm(point[metric], sig3) for point in points], r_cell, loo_cell, fmt(paper, 3)])
+    rows.append(["merge drop (zero-shot R avg)", *[pm(point["drop"]) for point in points], "", "", ""])
     return "## Table 5 — distance between the vision and language experts vs the merge drop\n\n" + table(
-        ["metric", *[f"K_seed/K = {f}" for f in fracs], "Pearson r with drop", "paper r"], rows)
+        ["metric", *[f"K_seed/K = {fmt(point['frac'])}" for point in points],
+         f"Pearson r with drop [95% CI] over {t5['points']} points", "r leaving one point out", "paper r"], rows) + \
+        "\n\nThe metrics on the weights W_v, W_l (the paper's) and on the modality vectors τ_m = W_m − W⁰, " \
+        "W⁰ being what the msa started from (the seed checkpoint; the init ViT at K_seed = 0). r is over every (seed, " \
+        "K_seed) point; its interval is Fisher's z." + seeds_note(r)
 
 
 def findings(r) -> list:
-    """(claim, paper's direction, ours, replicates?) -- computed, never written by hand."""
-    m = r["models"]
-    zs = lambda name: m[name]["zero_shot"]["avg"]  # noqa: E731
-    sweep = seed_sweep(r)
-    ours = f"msa_seed{r['preset']['default_frac']}"
-    out = []
-    drop0, drop_seed = sweep[0]["drop"], next(s["drop"] for s in sweep if s["frac"] == r["preset"]["default_frac"])
-    out.append(("Merging without seed pre-training loses much of the msa's performance (Table 1)",
-                f"msa {fmt(zs('msa'))} → merged {fmt(zs('msa~interpolation0.5'))}", drop0 > 0))
-    out.append(("Seed pre-training shrinks the merge drop (Sec. 6.1)",
-                f"drop {fmt(drop0)} without seed vs {fmt(drop_seed)} with K_seed/K = {r['preset']['default_frac']}",
-                drop_seed < drop0))
-    a = {v: m[f"{ours}~interpolation{v}"]["zero_shot"]["avg"] for v in r["preset"]["alphas"]}
-    mid = max(a.get(0.5, -1), a.get(0.75, -1))
+    """(claim, paper's direction, ours, replicates?) -- computed, never written by hand; every choice of α, γ or
+    method is the one made on val (`select_on_val`), every number a test score (mean over seeds where there are)."""
+    m, sel, fig3 = r["models"], r["selection"], r["over_seeds"]["fig3"]
+    zs = lambda method, v: m[f"{sel['source']}~{method}{v}"]["zero_shot"]["avg"]  # noqa: E731
+    no_seed = fig3[0]
+    seeded = next(p for p in fig3 if p["frac"] == r["preset"]["default_frac"])
+    out = [("Merging without seed pre-training loses much of the msa's performance (Table 1)",
+            f"msa {fmt(no_seed['before']['mean'])} → merged {fmt(no_seed['after']['mean'])}",
+            no_seed["drop"]["mean"] > 0),
+           ("Seed pre-training shrinks the merge drop (Sec. 6.1)",
+            f"drop {fmt(no_seed['drop']['mean'])} without seed vs {fmt(seeded['drop']['mean'])} with K_seed/K = "
+            f"{r['preset']['default_frac']}", seeded["drop"]["mean"] < no_seed["drop"]["mean"])]
+    a = {v: zs("interpolation", v) for v in r["preset"]["alphas"]}
+    alpha = sel["interpolation"]["value"]
     out.append(("Interpolation: α ≈ 0.5–0.75 beats either expert alone (Table 2a)",
-                f"best of α∈{{0.5, 0.75}} {fmt(mid)} vs α=0 {fmt(a.get(0.0))}, α=1 {fmt(a.get(1.0))}",
-                mid > max(a.get(0.0, -1), a.get(1.0, -1))))
+                f"α = {alpha} (chosen on val) {fmt(a[alpha])} vs α=0 {fmt(a.get(0.0))}, α=1 {fmt(a.get(1.0))}",
+                0 < alpha < 1 and a[alpha] > max(a.get(0.0, -1), a.get(1.0, -1))))
     if 0.0 in a and 1.0 in a:
         out.append(("The vision expert alone beats the language expert alone (α=1 > α=0, Table 2a)",
                     f"α=1 {fmt(a[1.0])} vs α=0 {fmt(a[0.0])}", a[1.0] > a[0.0]))
-    lam = {v: m[f"{ours}~modality_arithmetic{v}"]["zero_shot"]["avg"] for v in r["preset"]["lams"]}
+    lam = {v: zs("modality_arithmetic", v) for v in r["preset"]["lams"]}
     if 0.5 in lam and 1.0 in lam:
         out.append(("Modality arithmetic degrades at large λ (Table 2b)",
                     f"λ=1 {fmt(lam[1.0])} vs λ=0.5 {fmt(lam[0.5])}", lam[1.0] < lam[0.5]))
-    g = [m[f"{ours}~regmean{v}"]["zero_shot"]["avg"] for v in r["preset"]["gammas"]]
+    regmean, interpolation = sel["regmean"], sel["interpolation"]
     out.append(("RegMean is about as good as the best interpolation (within 2 points) (Table 2c)",
-                f"RegMean best {fmt(max(g))} vs interpolation best {fmt(max(a.values()))}",
-                max(g) >= max(a.values()) - 2))
+                f"RegMean γ = {regmean['value']} {fmt(regmean['test'])} vs interpolation α = {alpha} "
+                f"{fmt(interpolation['test'])} (each chosen on val)", regmean["test"] >= interpolation["test"] - 2))
     corr = r["table5"]["correlation"]
-    valid = {k: v for k, v in corr.items() if v is not None}
+    valid = {k: corr[k] for k in METRICS if corr[k] is not None}  # the paper's claim is about the weights
     if valid:
         top = max(valid, key=valid.get)
         out.append(("TSSD correlates best with the merge drop (Table 5)",
@@ -581,14 +784,14 @@ def plot_sweeps(r, path):
     except ImportError:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    sweep = seed_sweep(r)
-    axes[0].plot([s["frac"] for s in sweep], [s["before"] for s in sweep], "o-", label="msa before merging")
-    axes[0].plot([s["frac"] for s in sweep], [s["after"] for s in sweep], "s-", label="after (α=0.5)")
+    sweep = r["over_seeds"]["fig3"]
+    axes[0].plot([s["frac"] for s in sweep], [s["before"]["mean"] for s in sweep], "o-", label="msa before merging")
+    axes[0].plot([s["frac"] for s in sweep], [s["after"]["mean"] for s in sweep], "s-", label="after (α=0.5)")
     axes[0].set(xlabel="K_seed / K", ylabel="zero-shot retrieval", title="Fig. 3")
-    ours = f"msa_seed{r['preset']['default_frac']}"
-    for method, key in (("interpolation", "alphas"), ("modality_arithmetic", "lams"), ("regmean", "gammas")):
+    for method, (_, key, _) in SWEEPS.items():
         xs = r["preset"][key]
-        axes[1].plot(xs, [r["models"][f"{ours}~{method}{x}"]["zero_shot"]["avg"] for x in xs], "o-", label=method)
+        axes[1].plot(xs, [r["models"][f"{r['selection']['source']}~{method}{x}"]["zero_shot"]["avg"] for x in xs],
+                     "o-", label=method)
     axes[1].set(xlabel="α / λ / γ", title="Table 2 (zero-shot)")
     for ax in axes:
         ax.legend()
@@ -597,15 +800,33 @@ def plot_sweeps(r, path):
     return True
 
 
+def read_data_config(path, preset) -> dict:
+    """--data-config: {task: [train.py data flags]} for pre-training and every task the preset fine-tunes
+    (and "cls" when it has a stage 0). Each entry must name evaluation data, so that no stage is left
+    without a score; a missing or score-less entry is one error naming the task."""
+    config = data._read_json(path)  # a malformed file: one error naming its line
+    tasks = ["pretrain", *preset.finetune] + (["cls"] if preset.init_steps else [])
+    for task in dict.fromkeys(tasks):
+        flags = config.get(task) if isinstance(config, dict) else None
+        if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+            raise ValueError(f"--data-config {path}: {task!r} needs a list of train.py flags (the preset runs "
+                             f"{', '.join(dict.fromkeys(tasks))})")
+        if not train.names_evaluation(train.parse_args(["--task", task, *flags])):
+            raise ValueError(f"--data-config {path}: {task!r} names no evaluation data (--eval-data"
+                             f"{', --eval-annotations' if task == 'vqa' else ''}): its stages would have no score")
+    return config
+
+
 def run_recipe(args) -> dict:
     preset = PRESETS[args.preset]
     if args.ablation:
         preset = dataclasses.replace(preset, ablation=True)
     if args.data_config:
-        with open(args.data_config) as f:
-            preset = dataclasses.replace(preset, data=json.load(f))
+        preset = dataclasses.replace(preset, data=read_data_config(args.data_config, preset))
     out = args.out or os.path.join("runs", f"recipe_{args.preset}")
-    recipe = Recipe(preset, out, init=args.init, dry_run=args.dry_run)
+    if args.seeds < 1:
+        raise ValueError(f"--seeds {args.seeds}: give at least 1")
+    recipe = Recipe(preset, out, init=args.init, dry_run=args.dry_run, seeds=args.seeds)
     start = time.time()
     layout = recipe.run()
     if args.dry_run:
@@ -616,6 +837,7 @@ def run_recipe(args) -> dict:
                "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"}
     results["spread"] = spread(recipe.models[layout["table"]["ours"]])
     results["stage_seconds"] = stage_seconds(recipe.models)
+    results["over_seeds"] = over_seeds(results)
     results["findings"] = findings(results)
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 writes the report
         return results
@@ -1111,7 +1333,10 @@ def plot_temporal(r, path):
 
 
 # ----------------------------------------------------------------------------------------------
-# bench: every figure is a ratio against a reference timed in the same process (median of repeats).
+# bench: every figure is a ratio against a reference timed in the same process. A ratio is the median
+# over interleaved pairs (reference, candidate, reference, candidate, ...), each pair timed back to back,
+# with the min-max of the pair ratios beside it: a slow minute on a shared machine then slows both sides
+# of a pair instead of one side of the ratio.
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, from the vendors' sheets
 
@@ -1186,12 +1411,37 @@ def set_mmap_threshold():
         pass
 
 
-def measure(fn, device, repeats):
-    """(median seconds, peak extra bytes of one call)."""
-    seconds = median_seconds(fn, device, repeats)
+class Paired(NamedTuple):
+    ref: float     # median seconds of the reference
+    ours: float    # median seconds of the candidate
+    ratio: float   # median over the pairs of ours / ref
+    lo: float      # min and max of the pair ratios
+    hi: float
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def paired_seconds(ref_fn, fn, device, pairs, warmup=2) -> Paired:
+    """Time `ref_fn` and `fn` in alternation, `pairs` times, after `warmup` calls of each."""
+    for _ in range(warmup):
+        ref_fn(), fn()
+    times = [(timed(ref_fn, device), timed(fn, device)) for _ in range(pairs)]
+    ratios = [ours / ref for ref, ours in times]
+    return Paired(statistics.median(r for r, _ in times), statistics.median(o for _, o in times),
+                  statistics.median(ratios), min(ratios), max(ratios))
+
+
+def peak_bytes(fn, device):
+    """Peak extra bytes of one call."""
     with PeakMemory(device) as mem:
         fn()
-    return seconds, mem.peak
+    return mem.peak
 
 
 def layer_flops(tokens, dim):
@@ -1238,18 +1488,17 @@ def bench_vision(args, device, shape, rows):
             x = ref._process_input(images)
             x = ref.encoder(torch.cat([ref.class_token.expand(batch, -1, -1), x], dim=1))
         x.float().mean().backward()
-    t_ref = median_seconds(ref_step, device, repeats)
     for variant in VARIANTS:
         model = build_model(args.arch, variant, image_size=size, patch_size=patch, depth=depth,
-                                  vocab_size=1000).to(device)
+                            vocab_size=1000).to(device)
 
         def step():
             with autocast:
                 x = model.encode_image(images)
             x.float().mean().backward()
-        t = median_seconds(step, device, repeats)
-        rows.append(["vision route fwd+bwd", variant, f"{1000 * t:.1f} ms", f"torchvision ViT {1000 * t_ref:.1f} ms",
-                     t / t_ref, "≤ 1.05"])
+        t = paired_seconds(ref_step, step, device, repeats)
+        rows.append(["vision route fwd+bwd", variant, f"{1000 * t.ours:.1f} ms",
+                     f"torchvision ViT {1000 * t.ref:.1f} ms", t, "≤ 1.05"])
 
 
 def bench_pretrain(args, device, shape, rows, arch):
@@ -1286,9 +1535,9 @@ def bench_merge(args, device, arch, rows, repeats):
         model = build_model(arch, "msa", image_size=32 if args.quick else 224, patch_size=8 if args.quick else 16)
     state = {k: v.to(device) for k, v in model.state_dict().items()}
     size = sum(v.numel() * v.element_size() for v in state.values())
-    t_copy, m_copy = measure(lambda: {k: v.clone() for k, v in state.items()}, device, repeats)
-    rows.append(["state-dict copy (reference)", f"{arch} msa, {size / 2**20:.0f} MiB", f"{1000 * t_copy:.0f} ms",
-                 f"peak +{m_copy / size:.2f}× ckpt", 1.0, ""])
+    copy = lambda: {k: v.clone() for k, v in state.items()}  # noqa: E731  the reference
+    rows.append(["state-dict copy (reference)", f"{arch} msa, {size / 2**20:.0f} MiB", "",
+                 f"peak +{peak_bytes(copy, device) / size:.2f}× ckpt", None, ""])
     init = merge.merge_modalities(state, "interpolation", alpha=0.5)
     grams = {k: torch.eye(v.shape[1], device=device) + 0.01 for k, v in state.items()
              if v.dim() == 2 and merge.merged_key(k)[1] is not None}
@@ -1296,10 +1545,11 @@ def bench_merge(args, device, arch, rows, repeats):
                "regmean": {"gamma": 0.5, "grams": grams}, "ties": {"density": 0.2, "lam": 1.0, "init_state": init},
                "dare": {"p": 0.9, "lam": 0.5, "seed": 0, "init_state": init}}
     for method, options in methods.items():
-        t, m = measure(lambda: merge.merge_modalities(state, method, **options), device, max(1, repeats // 2))
+        run = lambda: merge.merge_modalities(state, method, **options)  # noqa: E731
+        t = paired_seconds(copy, run, device, max(1, repeats // 2))
         target = "≤ 2× time, ≤ 1.2× ckpt memory" if method == "interpolation" else ""
-        rows.append([f"merge_modalities {method}", f"{arch} msa", f"{1000 * t:.0f} ms",
-                     f"peak +{m / size:.2f}× ckpt", t / t_copy, target])
+        rows.append([f"merge_modalities {method}", f"{arch} msa", f"{1000 * t.ours:.0f} ms",
+                     f"copy {1000 * t.ref:.0f} ms; peak +{peak_bytes(run, device) / size:.2f}× ckpt", t, target])
     # Gram collection: the same forward passes with and without the hooks
     model = model.to(device).eval()
     cfg = model.cfg
@@ -1309,13 +1559,12 @@ def bench_merge(args, device, arch, rows, repeats):
         with torch.no_grad():
             for b in batches:
                 modality_forward(model, b)
-    t_bare = median_seconds(bare, device, repeats)
-    t_gram = median_seconds(lambda: merge.collect_grams(model, batches, forward=modality_forward), device, repeats)
+    t = paired_seconds(bare, lambda: merge.collect_grams(model, batches, forward=modality_forward), device, repeats)
     # Arithmetic floor: per token and block the Grams of qkv, proj, fc1 (D² each) and fc2 ((4D)² = 16D²)
     # cost 2·19·D² multiply-adds against the block's own 2·12·D²: hooks cannot cost less than ~2.6x.
     floor = 1 + 19 / 12
-    rows.append(["collect_grams", f"{arch} msa, 2 batches", f"{1000 * t_gram:.0f} ms",
-                 f"forwards {1000 * t_bare:.0f} ms; FLOP floor {floor:.2f}×", t_gram / t_bare,
+    rows.append(["collect_grams", f"{arch} msa, 2 batches", f"{1000 * t.ours:.0f} ms",
+                 f"forwards {1000 * t.ref:.0f} ms; FLOP floor {floor:.2f}×", t,
                  f"≤ 1.2 (below the {floor:.1f}× floor: see README)"])
     return state
 
@@ -1324,12 +1573,12 @@ def bench_distances(device, state, rows, repeats):
     """The four Sec. 7 metrics between the v and l experts; memory in units of the largest tensor."""
     a, b = merge.modality_weights(state)
     largest = max(v.numel() * v.element_size() for v in a.values())
-    t_ref = median_seconds(lambda: sum(float((x - y).pow(2).sum()) for x, y in zip(a.values(), b.values())),
-                           device, repeats)
+    reference = lambda: sum(float((x - y).pow(2).sum()) for x, y in zip(a.values(), b.values()))  # noqa: E731
     for name, metric in METRICS.items():
-        t, m = measure(lambda: metric(a, b), device, max(1, repeats // 2))
+        t = paired_seconds(reference, lambda: metric(a, b), device, max(1, repeats // 2))
         rows.append([f"distance {name}", f"{sum(v.numel() for v in a.values()) / 1e6:.1f}M weights",
-                     f"{1000 * t:.0f} ms", f"peak +{m / largest:.1f}× largest tensor", t / t_ref,
+                     f"{1000 * t.ours:.0f} ms", f"Σ(a−b)² {1000 * t.ref:.0f} ms; "
+                     f"peak +{peak_bytes(lambda: metric(a, b), device) / largest:.1f}× largest tensor", t,
                      "≤ ~2 extra copies" if name == "tssd" else ""])
 
 
@@ -1340,18 +1589,23 @@ def bench_data(args, rows, repeats):
     t = median_seconds(lambda: world.generate(n, seed=1), torch.device("cpu"), max(1, repeats // 2), warmup=1)
     rows.append(["synthetic world", f"{n} scenes, 32 px", f"{n / t:.0f} img/s", "", None, "thousands/s"])
     dataset = world.dataset("pretrain", "train")
-    collate = data.Collator(world.tokenizer(), max_len=24, image_size=32, train=True)
+    collate = data.Collator(world.tokenizer(), max_len=32, image_size=32, train=True)
     n_batches = 4 if args.quick else 40
-    rates = {}
-    for workers in (0, 2):
-        loader = torch.utils.data.DataLoader(dataset, 64, shuffle=True, collate_fn=collate, num_workers=workers)
 
-        def consume():
-            for _, _batch in zip(range(n_batches), loader):
-                pass
-        rates[workers] = n_batches * 64 / median_seconds(consume, torch.device("cpu"), 1, warmup=0)
-        rows.append(["loader (RandAugment + MLM)", f"{workers} workers", f"{rates[workers]:.0f} samples/s",
-                     f"0 workers {rates[0]:.0f}/s", rates[workers] / rates[0], ""])
+    def consume(workers):
+        loader = torch.utils.data.DataLoader(dataset, 64, shuffle=True, collate_fn=collate, num_workers=workers)
+        return lambda: [None for _, _batch in zip(range(n_batches), loader)]
+    t = paired_seconds(consume(0), consume(2), torch.device("cpu"), max(1, repeats // 2), warmup=0)
+    rows.append(["loader (RandAugment + MLM)", "2 workers", f"{n_batches * 64 / t.ours:.0f} samples/s",
+                 f"0 workers {n_batches * 64 / t.ref:.0f}/s", t, "time ratio < 1"])
+
+
+def flat_row(row):
+    """[..., ratio or Paired or None, target] -> [..., median ratio, (min, max) or None, target]."""
+    *head, ratio, target = row
+    if isinstance(ratio, Paired):
+        return [*head, ratio.ratio, (ratio.lo, ratio.hi), target]
+    return [*head, ratio, None, target]
 
 
 def run_bench(args):
@@ -1371,11 +1625,13 @@ def run_bench(args):
     state = bench_merge(args, device, args.arch if args.quick else "vit_base", rows, repeats)
     bench_distances(device, state, rows, repeats)
     bench_data(args, rows, repeats)
-    header = ["benchmark", "setting", "ours", "reference", "ratio", "target"]
+    header = ["benchmark", "setting", "ours", "reference", "ratio", "range", "target"]
     print(f"\n**vlmerge bench** — {device.type}"
           f" ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}),"
           f" torch {torch.__version__}\n")
-    print(table(header, [r[:4] + [fmt(r[4]), r[5]] for r in rows]))  # ratio None: no reference (MFU on CPU)
+    rows = [flat_row(r) for r in rows]
+    print(table(header, [r[:4] + [fmt(r[4]), "" if r[5] is None else f"{r[5][0]:.2f}–{r[5][1]:.2f}", r[6]]
+                         for r in rows]))  # a ratio None has no reference (MFU on a CPU)
     result = {"device": str(device), "torch": torch.__version__, "quick": args.quick,
               "rows": [dict(zip(header, r)) for r in rows]}
     train.write_json(args.json, result)
@@ -1393,12 +1649,11 @@ def cmd_merge(args):
                "regmean": {"gamma": args.gamma}, "ties": {"density": args.density, "lam": args.lam},
                "dare": {"p": args.p, "lam": args.lam, "seed": args.seed}}[args.method]
     init = train.load_checkpoint(args.init_state) if args.init_state else None
-    batches = None
+    grams = None
     if args.method == "regmean":
-        if "config" not in checkpoint:
-            raise ValueError("--method regmean needs a vlmerge checkpoint (with 'config') to collect Gram matrices")
-        batches = gram_batches(checkpoint, args.gram_batches, args.batch_size)
-    merged = merge_checkpoint(checkpoint, args.method, init, batches, **options)
+        batches = gram_batches(checkpoint, args.gram_samples, args.batch_size, data_flags(vars(args)))
+        grams = checkpoint_grams(checkpoint, batches, args.device)
+    merged = merge_checkpoint(checkpoint, args.method, init, grams, **options)
     train.save_checkpoint(args.output, merged)
     print(f"merged {args.ckpt} by {args.method} {options} -> {args.output}")
 
@@ -1406,9 +1661,17 @@ def cmd_merge(args):
 def cmd_distance(args):
     a = train.load_checkpoint(args.ckpt)["model"]
     b = train.load_checkpoint(args.ckpt2)["model"] if args.ckpt2 else None
-    result = distances(a, b)
+    if args.init_state and b is not None:
+        raise ValueError("--init-state measures the v and l experts of one checkpoint: give one CKPT")
+    init = train.load_checkpoint(args.init_state)["model"] if args.init_state else None
+    result = distances(a, b, init)
+    layers = distances(a, b, init, by_layer=True)
     what = f"v vs l experts of {args.ckpt}" if b is None else f"{args.ckpt} vs {args.ckpt2}"
-    print(table(["metric", what], [[k, f"{v:.6g}"] for k, v in result.items()]))
+    shown = lambda v: "–" if v is None else f"{v:.6g}"  # noqa: E731
+    print(table(["metric", what], [[k, shown(v)] for k, v in result.items()]))
+    print("\nper layer:\n")
+    print(table(["layer", *result], [[layer, *(shown(row[k]) for k in result)] for layer, row in layers.items()]))
+    result["layers"] = layers
     if args.json:
         train.write_json(args.json, result)
     return result
@@ -1425,6 +1688,9 @@ def cmd_eval(args):
             "--image-size", str(cfg["image_size"]), "--patch-size", str(cfg["patch_size"]),
             "--max-len", str(cfg["max_text_len"]), "--eval-only", "--init", args.ckpt,
             "--eval-split", args.split, "--out", args.out, *args.train_args]
+    saved_vocab = (checkpoint.get("args") or {}).get("vocab")
+    if saved_vocab and "--vocab" not in args.train_args:  # real data: the checkpoint's own tokenizer by default
+        argv += ["--vocab", saved_vocab]
     return train.run(argv)
 
 
@@ -1438,6 +1704,8 @@ def build_parser():
     p.add_argument("--out", default=None, help="run directory (default runs/recipe_<preset>)")
     p.add_argument("--init", default=None, help="timm-format ViT state dict (skips stage 0; 'paper' needs it)")
     p.add_argument("--ablation", action="store_true", help="add Fig. 4's shared-weight variants")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="pre-train N times (seeds 0..N-1): Table 1, Fig. 3, Table 5 as mean ± std, r over all points")
     p.add_argument("--data-config", default=None, help="JSON {task: [train.py data flags]} for real data")
     p.add_argument("--dry-run", action="store_true", help="print every stage's command and build its model")
     p.set_defaults(func=run_recipe)
@@ -1479,14 +1747,21 @@ def build_parser():
     p.add_argument("--p", type=float, default=0.9, help="dare: drop probability")
     p.add_argument("--seed", type=int, default=0, help="dare: random seed")
     p.add_argument("--init-state", default=None, help="W_0: the seed maa checkpoint (arithmetic / ties / dare)")
-    p.add_argument("--gram-batches", type=int, default=8, help="RegMean: synthetic pre-training batches")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--gram-samples", type=int, default=512, help="RegMean: pre-training samples for the Grams")
+    p.add_argument("--batch-size", type=int, default=GRAM_BATCH, help="RegMean: samples per forward")
+    # RegMean's data: train.py's data flags; by default the checkpoint's own (saved in it by train.py)
+    p.add_argument("--data", default=None, help="RegMean: pre-training data ('synthetic', .jsonl, Karpathy .json)")
+    p.add_argument("--image-root", default=None, help="RegMean: folder of --data's images")
+    p.add_argument("--vocab", default=None, help="RegMean: the BERT vocab.txt the checkpoint was trained with")
+    p.add_argument("--device", default=str(default_device()), help="RegMean: where the Grams are collected")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("distance", help="L2 / cosine / SSD / TSSD (Sec. 7) between experts or checkpoints")
     p.add_argument("ckpt")
     p.add_argument("ckpt2", nargs="?", default=None)
+    p.add_argument("--init-state", default=None,
+                   help="W⁰ (the seed checkpoint or init ViT): also the metrics on τ_m = W_m − W⁰ (tau_*)")
     p.add_argument("--json", default=None, help="also write the numbers here")
     p.set_defaults(func=cmd_distance)
 
@@ -1495,7 +1770,10 @@ def build_parser():
     p.add_argument("--task", default=None, choices=train.TASKS)
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--out", default="runs/eval")
-    p.add_argument("train_args", nargs=argparse.REMAINDER, help="further train.py flags (e.g. --data ...)")
+    p.add_argument("train_args", nargs=argparse.REMAINDER,
+                   help="further train.py flags: real data is --eval-data (+ --eval-annotations for VQA, "
+                        "--eval-image-root, --predictions FILE), or --data ROOT for cls / seg; --vocab defaults "
+                        "to the one the checkpoint was trained with")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="speed and memory against references in the same process")

@@ -72,12 +72,24 @@ def test_smoke_recipe_writes_report_and_results(smoke):
                  "merged/msa~interpolation0.5.pt", "merged/msa_seed0.5~regmean1.0.pt",
                  "zero_shot/msa_seed0.5~modality_arithmetic1.0/metrics.json",
                  "finetune/vqa/maa/metrics.json", "finetune/seg/msa/metrics.json",
-                 "custom_ln_seed0.5/ckpt.pt", "finetune/vqa/custom_ffn_seed0.5~interpolation0.75/metrics.json"):
+                 "custom_ln_seed0.5/ckpt.pt", "zero_shot_val/msa_seed0.5~regmean0.5/metrics.json",
+                 f"finetune/vqa/custom_ffn_seed0.5~interpolation{results['selection']['interpolation']['value']}"
+                 "/metrics.json"):
         assert os.path.exists(os.path.join(smoke, path)), path
     assert len(results["findings"]) >= 6
     assert set(results["table5"]["rows"]) == {"msa", "msa_seed0.5"}
     assert {task: s["n"] for task, s in results["spread"].items()} == {"vqa": 2, "retrieval": 2}
-    assert os.path.exists(os.path.join(smoke, "finetune/retrieval/msa_seed0.5~interpolation0.75_s1/metrics.json"))
+    assert os.path.exists(os.path.join(smoke, f"finetune/retrieval/{results['table']['ours']}_s1/metrics.json"))
+    # ours is the merge chosen on val, and the report says which
+    best = results["selection"]["best"]
+    assert results["table"]["ours"] == best["name"] == f"msa_seed0.5~{best['method']}{best['value']}"
+    assert best["val"] == max(results["models"][f"msa_seed0.5~{m}{v}"]["zero_shot_val"]["avg"]
+                              for m, v in (("interpolation", 0.0), ("interpolation", 0.5), ("interpolation", 1.0),
+                                           ("modality_arithmetic", 0.5), ("modality_arithmetic", 1.0),
+                                           ("regmean", 0.5), ("regmean", 1.0)))
+    assert f"{best['method']} {vlmerge.SWEEPS[best['method']][2]} = {best['value']}" in report
+    # Table 5 on the weights and on the modality vectors τ, one point per K_seed of the one seed
+    assert results["table5"]["points"] == 2 and set(results["table5"]["correlation"]) == set(vlmerge.TABLE5_METRICS)
     # the seed is the maa run's step-K_seed snapshot, and the seeded msa ran the rest: K_VL = K - K_seed
     seed = torch.load(os.path.join(smoke, "maa/ckpt_step3.pt"), weights_only=True)
     seeded = torch.load(os.path.join(smoke, "msa_seed0.5/ckpt.pt"), weights_only=True)
@@ -189,16 +201,28 @@ def test_pretrain_flops_match_the_flop_counter():
 def test_bench_quick_prints_a_table_with_finite_ratios(tmp_path):
     proc = cli("bench", "--quick", "--device", "cpu", "--json", str(tmp_path / "bench.json"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| benchmark | setting | ours | reference | ratio | target |" in proc.stdout
+    assert "| benchmark | setting | ours | reference | ratio | range | target |" in proc.stdout
     rows = json.load(open(tmp_path / "bench.json"))["rows"]
     names = {r["benchmark"] for r in rows}
     assert {"vision route fwd+bwd", "merge_modalities interpolation", "collect_grams", "distance tssd",
-            "synthetic world"} <= names
+            "synthetic world", "loader (RandAugment + MLM)"} <= names
+    no_reference = ("synthetic world", "state-dict copy (reference)")
     for r in rows:
-        if r["benchmark"] not in ("synthetic world",) and not r["benchmark"].startswith("pre-training"):
-            assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
-        else:  # no reference to divide by on CPU (MFU needs a GPU's peak): left empty, never NaN
-            assert r["ratio"] is None, r
+        if r["benchmark"] not in no_reference and not r["benchmark"].startswith("pre-training"):
+            lo, hi = r["range"]
+            assert math.isfinite(r["ratio"]) and 0 < lo <= r["ratio"] <= hi, r
+        else:  # no reference to divide by (MFU needs a GPU's peak): left empty, never NaN
+            assert r["ratio"] is None and r["range"] is None, r
+
+
+def test_bench_ratio_is_the_median_of_interleaved_pairs(monkeypatch):
+    calls, durations = [], iter([1.0, 2.0, 10.0, 30.0, 2.0, 3.0])  # (ref, ours) x 3 pairs, timed in turn
+    monkeypatch.setattr(vlmerge, "timed", lambda fn, device: (fn(), next(durations))[1])
+    t = vlmerge.paired_seconds(lambda: calls.append("ref"), lambda: calls.append("ours"), torch.device("cpu"),
+                               pairs=3, warmup=1)
+    assert calls == ["ref", "ours"] * 4  # one warm-up pair, then strictly alternating
+    # pair ratios 2, 3, 1.5: median 2, range 1.5-3; a slow pair (10 s / 30 s) moves both sides together
+    assert (t.ratio, t.lo, t.hi, t.ref, t.ours) == (2.0, 1.5, 3.0, 2.0, 3.0)
 
 
 def test_random_w0_is_one_timm_format_vit_that_every_model_loads(tmp_path):
@@ -216,3 +240,113 @@ def test_random_w0_is_one_timm_format_vit_that_every_model_loads(tmp_path):
     assert all(torch.equal(vit[k], v) for k, v in torch.load(again, weights_only=True).items())  # deterministic
     with pytest.raises(ValueError, match="--init PATH"):
         vlmerge.Recipe(dataclasses.replace(preset, init_steps=None), str(tmp_path / "none")).initialization()
+
+
+# --- model selection on val, Table 5's statistics and τ distances -----------------------------------
+
+def fabricated_models(val, test):
+    """A recipe's models dict with only the zero-shot numbers selection reads: {(method, value): avg}."""
+    return {f"src~{m}{v}": {"zero_shot_val": {"avg": val[m, v]}, "zero_shot": {"avg": test[m, v]}} for m, v in val}
+
+
+def test_sweeps_choose_alpha_gamma_and_the_method_on_val_never_on_test():
+    preset = {"alphas": (0.0, 0.5, 0.75, 1.0), "lams": (0.5, 1.0), "gammas": (0.5, 1.0)}
+    val = {("interpolation", 0.0): 10, ("interpolation", 0.5): 30, ("interpolation", 0.75): 20,
+           ("interpolation", 1.0): 5, ("modality_arithmetic", 0.5): 25, ("modality_arithmetic", 1.0): 31,
+           ("regmean", 0.5): 12, ("regmean", 1.0): 28}
+    # test ranks every sweep the other way: α = 0.75, λ = 0.5, γ = 0.5 and interpolation would win there
+    test = {("interpolation", 0.0): 10, ("interpolation", 0.5): 20, ("interpolation", 0.75): 40,
+            ("interpolation", 1.0): 5, ("modality_arithmetic", 0.5): 35, ("modality_arithmetic", 1.0): 15,
+            ("regmean", 0.5): 33, ("regmean", 1.0): 11}
+    chosen = vlmerge.select_on_val(fabricated_models(val, test), "src", preset)
+    assert {m: chosen[m]["value"] for m in vlmerge.SWEEPS} == {"interpolation": 0.5, "modality_arithmetic": 1.0,
+                                                               "regmean": 1.0}
+    assert chosen["best"] == {"method": "modality_arithmetic", "value": 1.0, "name": "src~modality_arithmetic1.0",
+                              "val": 31, "test": 15}
+    assert chosen["interpolation"]["test"] == 20 and chosen["source"] == "src"
+
+
+def test_pearson_interval_is_fishers_z_by_hand():
+    r, n = 0.5, 12
+    z = 0.5 * math.log((1 + r) / (1 - r))       # atanh written out
+    half = 1.959964 / math.sqrt(n - 3)          # the normal's 97.5% quantile over the standard error
+    tanh = lambda x: (math.exp(2 * x) - 1) / (math.exp(2 * x) + 1)  # noqa: E731
+    low, high = vlmerge.pearson_interval(r, n)
+    assert low == pytest.approx(tanh(z - half), abs=1e-6) and high == pytest.approx(tanh(z + half), abs=1e-6)
+    assert low == pytest.approx(-0.1036, abs=1e-4) and high == pytest.approx(0.8345, abs=1e-4)
+    assert vlmerge.pearson_interval(r, 3) is None and vlmerge.pearson_interval(None, 10) is None
+    assert vlmerge.pearson_interval(1.0, 5) == [1.0, 1.0]
+    assert vlmerge.pearson([1, None, 3], [1, 2, 3]) is None
+
+
+def test_over_seeds_gives_mean_and_sample_std_per_k_seed():
+    assert vlmerge.stats([1.0, 2.0, 6.0]) == {"mean": 3.0, "std": math.sqrt(7.0), "n": 3}  # ((4 + 1 + 9) / 2) ** .5
+    assert vlmerge.stats([4.0, None]) == {"mean": 4.0, "std": None, "n": 1} and vlmerge.stats([None]) is None
+    assert vlmerge.pm({"mean": 3.0, "std": 1.5, "n": 2}) == "3.00 ± 1.50" and vlmerge.pm(None) == "–"
+
+
+def hand_msa():
+    """Experts of two layers and their W⁰; by position: W⁰ = 1, W_v = [2, 0 | 1.5, 1], W_l = [0, 2 | 1.5, 3]."""
+    state = {"blocks.0.fc.v.weight": torch.tensor([2.0, 0.0]), "blocks.0.fc.l.weight": torch.tensor([0.0, 2.0]),
+             "norm.v.weight": torch.tensor([1.5, 1.0]), "norm.l.weight": torch.tensor([1.5, 3.0]),
+             "patch_embed.weight": torch.ones(3)}
+    w0 = {"blocks.0.fc.weight": torch.ones(2), "norm.weight": torch.ones(2), "patch_embed.weight": torch.ones(3)}
+    return state, w0
+
+
+def test_distances_on_modality_vectors_by_hand():
+    state, w0 = hand_msa()
+    d = vlmerge.distances(state, init_state=w0)
+    # τ_v = [1, -1, 0.5, 0], τ_l = [-1, 1, 0.5, 2]
+    assert d["tau_l2"] == pytest.approx(d["l2"]) == pytest.approx(math.sqrt(4 + 4 + 0 + 4))  # W⁰ cancels in L2
+    assert d["tau_cosine"] == pytest.approx(1 - (-1.75) / (1.5 * 2.5))
+    assert d["cosine"] == pytest.approx(1 - 5.25 / math.sqrt(7.25 * 15.25))
+    assert d["tau_ssd"] == pytest.approx(1 - (0 + 0 + 1 + 1) / 4) and d["ssd"] == pytest.approx(0.0)
+    # TSSD zeroes the 2 smallest |τ| of each: τ_v → [1, -1, 0, 0], τ_l → [0, 0, 0, 2]; the both-zero 3rd is out
+    assert d["tau_tssd"] == pytest.approx(1 - (1 + 1 + 1) / 3)
+    layers = vlmerge.distances(state, init_state=w0, by_layer=True)
+    assert list(layers) == ["blocks.0", "norm"]
+    assert layers["blocks.0"]["tau_cosine"] == pytest.approx(2.0)
+    assert layers["blocks.0"]["tau_ssd"] == pytest.approx(1.0)
+    assert layers["norm"]["tau_cosine"] == pytest.approx(1 - 0.25 / (0.5 * math.sqrt(4.25)))
+    assert layers["norm"]["tau_ssd"] == pytest.approx(0.0) and layers["norm"]["l2"] == pytest.approx(2.0)
+
+
+def test_distance_command_prints_a_per_layer_table_and_takes_init_state(tmp_path):
+    state, w0 = hand_msa()
+    torch.save(state, tmp_path / "msa.pt")
+    torch.save(w0, tmp_path / "w0.pt")
+    proc = cli("distance", str(tmp_path / "msa.pt"), "--init-state", str(tmp_path / "w0.pt"),
+               "--json", str(tmp_path / "d.json"))
+    assert proc.returncode == 0, proc.stderr
+    got = json.load(open(tmp_path / "d.json"))
+    assert got["tau_ssd"] == pytest.approx(0.5) and got["layers"]["blocks.0"]["tau_cosine"] == pytest.approx(2.0)
+    assert "| layer | l2 | cosine | ssd | tssd | tau_l2 |" in proc.stdout and "| norm | 2 |" in proc.stdout
+    proc = cli("distance", str(tmp_path / "msa.pt"), str(tmp_path / "msa.pt"), "--init-state", str(tmp_path / "w0.pt"))
+    assert proc.returncode == 2 and "give one CKPT" in proc.stderr
+
+
+@pytest.mark.slow
+def test_smoke_recipe_over_two_pretraining_seeds(tmp_path):
+    out = str(tmp_path / "seeds")
+    results = vlmerge.main(["recipe", "--preset", "smoke", "--seeds", "2", "--out", out])
+    assert os.path.exists(os.path.join(out, "s1", "msa_seed0.5", "ckpt.pt"))
+    assert results["table5"]["points"] == 4 and results["table5"]["rows"]["s1/msa_seed0.5"]["seed"] == 1
+    # Table 1 over the seeds: the mean and sample std of the two seeds' own numbers
+    ours = [results["models"][t["ours"]]["zero_shot"]["avg"] for t in results["tables"]]
+    cell = results["over_seeds"]["table1"]["ours"]["zero_shot"]
+    assert cell["n"] == 2 and cell["mean"] == pytest.approx(sum(ours) / 2)
+    assert cell["std"] == pytest.approx(abs(ours[0] - ours[1]) / math.sqrt(2))
+    assert results["tables"][1]["ours"].startswith("s1/msa_seed0.5~" + results["selection"]["best"]["method"])
+    report = open(os.path.join(out, "REPORT.md")).read()
+    assert "Mean ± std over 2 pre-training seeds." in report and " ± " in report
+
+
+def test_leave_one_out_range_shows_a_point_that_decides_r():
+    import statistics
+    xs, ys = [1, 2, 3, 4, 5], [1, -1, 1, -1, 10]  # r is carried by the last point
+    subsets = [statistics.correlation(xs[:i] + xs[i + 1:], ys[:i] + ys[i + 1:]) for i in range(5)]
+    low, high = vlmerge.pearson_range(xs, ys)
+    assert (low, high) == (pytest.approx(min(subsets)), pytest.approx(max(subsets)))
+    assert low < 0 < 0.6 < vlmerge.pearson(xs, ys) < high  # without the last point, r changes sign
+    assert vlmerge.pearson_range(xs[:3], ys[:3]) is None
