@@ -864,7 +864,7 @@ class TemporalPreset:
     depth: int = 2
     image_size: int = 32
     patch_size: int = 8
-    max_len: int = 24
+    max_len: int = 32             # every text of the synthetic world fits 32 tokens
     batch_size: int = 32
     precision: str = "fp32"
     base_steps: int = 300          # pre-training of θ_0 on the base world (cached under OUT/base)
