@@ -945,7 +945,7 @@ class ConceptScenes(Dataset):
             obj = _place(rng, rng.randrange(4), shape=concept.shape, color=concept.color)
             scene = _scene(rng, [obj])
             if _stream_split(concept, obj, scene.background) == self.split:
-                return concept, obj, scene, _describe(rng, obj)
+                return concept, obj, scene, _describe(rng, obj)[0]
 
     def __getitem__(self, i):
         _, _, scene, caption = self.spec(i)
