@@ -47,7 +47,8 @@ The six tasks, each with train / val / test splits (sizes `train_size`, `val_siz
     vqa        1–3 objects; the question type (6 kinds) and then the answer are drawn uniformly *first* and
                the scene is built to fit, so the question alone does not tell the answer. Ten annotators
                answer, each correctly with p = 0.9, else with another answer of the same type; the target is
-               VQA v2's soft score min(1, #annotators who gave a / 3). `world.answers`: 20 answers (7 colors,
+               ViLT / VLMo's soft score (0.3 / 0.6 / 0.9 / 1 for 1 / 2 / 3 / ≥4 annotators who gave a), scored
+               by the official VQA accuracy (`vqa_accuracy`). `world.answers`: 20 answers (7 colors,
                5 shapes, small/large, 0–3, yes/no).
     nlvr2      two scenes and a statement of one of 5 kinds; the label (balanced) and the kind are drawn first,
                then scenes are drawn until the statement has that truth value.
@@ -80,8 +81,16 @@ what retrieval must tell apart; the cost, measured on the tiny preset's pre-trai
 thread, bf16): 0.69 s at 32 tokens vs 0.62 s at 24 (+11%). Real text longer than max_len is cut at the end;
 the Collator then warns once, with the count so far, and keeps counting in `Collator.truncated`.
 
-**Real-format loaders** (`load_karpathy`, `load_image_text_jsonl`, `load_vqa`, `load_nlvr2`) return Datasets
-of the same sample dicts, reading images lazily as RGB uint8. Whatever can be checked when loading is
+**The task stream** (merging over time, Dziadzio et al. 2025; `TaskStream`). A class is a (colour, shape)
+*concept*. The base world (`SyntheticWorld(colors=...)`) shows only red and blue; the stream's concepts — the
+other five colours × five shapes — are cut into T tasks of disjoint classes (`random` or `domain` order), each
+a `ConceptScenes` of single-object images named "a [size] <colour> <shape>". Scored by zero-shot
+classification over every stream concept; the retention set is the base concepts. `Mixture` /
+`replay_mixture` interleave base data, the current task and the previous tasks in equal shares (replay).
+
+**Real-format loaders** (`load_karpathy`, `load_image_text_jsonl`, `load_vqa`, `load_nlvr2`, `load_image_folder`,
+`load_ade20k`) return Datasets of the same sample dicts, reading images lazily as RGB uint8. `vqa_accuracy`
+is VQA v2's official metric (answer normalization, leave-one-out over the ten annotators). Whatever can be checked when loading is
 (JSON, fields, empty text, image files exist): a bad record raises one ValueError naming the file and the
 line or identifier, or with `skip_bad=True` is dropped and counted in one warning. A file whose bytes
 cannot be decoded raises when it is read, naming the file.
@@ -287,10 +296,11 @@ _INSIDE = (
 )
 
 
-def _place(rng, cell, shape=None, color=None, size=None):
-    """An object in `cell`; attributes not given are drawn uniformly."""
+def _place(rng, cell, shape=None, color=None, size=None, palette=None):
+    """An object in `cell`; attributes not given are drawn uniformly (a colour from `palette`, if given)."""
     shape = rng.randrange(len(SHAPES)) if shape is None else shape
-    color = rng.randrange(len(COLORS)) if color is None else color
+    if color is None:
+        color = rng.randrange(len(COLORS)) if palette is None else rng.choice(palette)
     size = rng.randrange(len(SIZES)) if size is None else size
     slack = 0.25 - RADII[size] - 0.01  # how far the centre may move and keep the object inside its cell
     return Obj(shape, color, size, cell, rng.uniform(-slack, slack), rng.uniform(-slack, slack))
@@ -304,8 +314,8 @@ def _place_avoiding(rng, cell, avoid):
             return obj
 
 
-def _random_objects(rng, n):
-    return [_place(rng, cell) for cell in rng.sample(range(4), n)]
+def _random_objects(rng, n, palette=None):
+    return [_place(rng, cell, palette=palette) for cell in rng.sample(range(4), n)]
 
 
 def _scene(rng, objects):
@@ -531,9 +541,15 @@ _ASK = {"color": _ask_color, "shape": _ask_shape, "size": _ask_size, "count": _a
         "exist": _ask_exist, "relation": _ask_relation}
 
 
+SOFT_SCORES = (0.0, 0.3, 0.6, 0.9, 1.0)  # by the number of annotators (4 or more: 1)
+
+
 def vqa_scores(annotator_answers):
-    """VQA v2 soft scores: score(a) = min(1, #annotators who answered a / 3)."""
-    return {a: min(1.0, n / 3) for a, n in Counter(annotator_answers).items()}
+    """Training targets, ViLT / VLMo's soft scores: 0.3, 0.6, 0.9, 1.0 for an answer 1, 2, 3, ≥4 annotators gave.
+
+    These are what `vqa_accuracy` gives that answer (its leave-one-out average), not min(1, n/3), which
+    would credit 1 and 2 annotators with 0.33 and 0.67."""
+    return {a: SOFT_SCORES[min(n, 4)] for a, n in Counter(annotator_answers).items()}
 
 
 # NLVR2: a statement about two object lists and its truth; attributes are taken from objects in the scenes
@@ -593,14 +609,14 @@ _SAY = {"more": _say_more, "both": _say_both, "exactly_one": _say_exactly_one,
 # The synthetic world: one spec maker per task. A spec is what a sample shows, without pixels:
 # {"scenes": [Scene, ...], "text" or "captions", task fields}.
 
-def _objects_in(rng, split, fewest, most):
-    """fewest–most random objects whose layout belongs to `split`."""
-    (objects,), _ = _redraw(split, lambda: ([_random_objects(rng, rng.randint(fewest, most))], None))
+def _objects_in(rng, split, fewest, most, palette=None):
+    """fewest–most random objects (colours from `palette`, if given) whose layout belongs to `split`."""
+    (objects,), _ = _redraw(split, lambda: ([_random_objects(rng, rng.randint(fewest, most), palette)], None))
     return objects
 
 
 def _make_captioned(rng, split, world):
-    objects = _objects_in(rng, split, 2, 3)
+    objects = _objects_in(rng, split, 2, 3, world.palette)
     captions, claims = zip(*(_caption(rng, objects) for _ in range(world.captions_per_image)))
     return {"scenes": [_scene(rng, objects)], "captions": list(captions), "claims": list(claims)}
 
@@ -822,6 +838,19 @@ class SyntheticWorld:
     val_size: int = 1_000
     test_size: int = 1_000
     captions_per_image: int = 5
+    # the colours pretrain / retrieval scenes draw from (None: all of COLORS); the base world of the task
+    # stream leaves some out. The tokenizer still holds every colour word, so a later model can learn them.
+    colors: tuple | None = None
+
+    def __post_init__(self):
+        unknown = [c for c in self.colors or () if c not in COLORS]
+        if unknown or self.colors == ():
+            raise ValueError(f"SyntheticWorld colors {self.colors!r}: choose a non-empty subset of {COLORS}")
+
+    @property
+    def palette(self):
+        """Indices of `colors` (None: every colour)."""
+        return None if self.colors is None else [COLORS.index(c) for c in self.colors]
 
     @property
     def answers(self):
@@ -843,6 +872,8 @@ class SyntheticWorld:
     def dataset(self, task, split):
         if task not in TASKS or split not in SPLITS:
             raise ValueError(f"task {task!r}, split {split!r}: choose a task of {TASKS} and a split of {SPLITS}")
+        if self.colors is not None and task not in ("pretrain", "retrieval"):
+            raise ValueError(f"task {task!r}: only pretrain / retrieval scenes honour SyntheticWorld.colors")
         return (SyntheticCaptions if task in ("pretrain", "retrieval") else SyntheticDataset)(self, task, split)
 
     def tokenizer(self):
@@ -859,6 +890,192 @@ class SyntheticWorld:
         scenes = [_scene(rng, _random_objects(rng, rng.randint(1, 3))) for _ in range(n)]
         drawn = [render(scenes[i:i + chunk], image_size or self.image_size) for i in range(0, n, chunk)]
         return torch.cat([d[0] for d in drawn]), torch.cat([d[1] for d in drawn])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The task stream: merging over time (Dziadzio et al. 2025), carved from the synthetic world
+
+Concept = namedtuple("Concept", "color shape")  # a class of the stream: attribute indices
+STREAM_BASE_COLORS = ("red", "blue")  # what the base world shows; the other five colours are the stream's
+
+
+def concept_name(concept):
+    return f"{COLORS[concept.color]} {SHAPES[concept.shape]}"
+
+
+def concept_prompt(concept):
+    """The class's zero-shot text prompt, as CLIP's "a photo of a {class}": "an orange circle"."""
+    return _a(concept_name(concept))
+
+
+def _stream_split(concept, obj, background):
+    """"train" or "test" for a single-object scene, by a hash of what its image shows to within a pixel: the
+    concept, cell, size, the object's offset in 1/64ths of the image side and the background level (crc32
+    mod 5: 0 → test). So no test image is ever a training image, of any task, while every concept is tested
+    in every cell and size. (Holding whole (cell, size) layouts out per concept, as the world's split does,
+    backfires here: with 8 layouts a concept the model learns "at this cell and size, not that shape".)"""
+    key = (f"{concept.color} {concept.shape} {obj.cell} {obj.size} {round(64 * obj.dx)} {round(64 * obj.dy)} "
+           f"{background}")
+    return "test" if zlib.crc32(key.encode()) % 5 == 0 else "train"
+
+
+class ConceptScenes(Dataset):
+    """Single-object scenes of `concepts` (balanced: sample i shows concepts[i % n]) of one split.
+
+    Samples {"image", "text"}: the text names the object as the world's captions do, "a [small|large] orange
+    circle" (FoMo-in-Flux trains its classification data on "a photo of a {class}" captions), through ITC. Zero-shot classification scores the dataset:
+    `prompts` (one per class of `label_space`) and `labels` (sample i's index in label_space). A scene's
+    randomness is seeded by its concept and index, so a concept shows the same scenes in whatever task or
+    ordering it lands."""
+
+    def __init__(self, seed, image_size, concepts, split, per_concept, label_space):
+        self.seed, self.image_size, self.split = seed, image_size, split
+        self.concepts, self.per_concept, self.label_space = list(concepts), per_concept, list(label_space)
+
+    def __len__(self):
+        return len(self.concepts) * self.per_concept
+
+    def spec(self, i):
+        """(concept, the one object, scene, caption) of sample i, without pixels."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} of {len(self)}")
+        concept = self.concepts[i % len(self.concepts)]
+        rng = random.Random(f"{self.seed}/stream/{concept_name(concept)}/{self.split}/{i // len(self.concepts)}")
+        while True:  # redrawn until the scene hashes to this split (1.25 draws for train, 5 for test)
+            obj = _place(rng, rng.randrange(4), shape=concept.shape, color=concept.color)
+            scene = _scene(rng, [obj])
+            if _stream_split(concept, obj, scene.background) == self.split:
+                return concept, obj, scene, _describe(rng, obj)
+
+    def __getitem__(self, i):
+        _, _, scene, caption = self.spec(i)
+        return {"image": render([scene], self.image_size)[0][0], "text": caption}
+
+    @property
+    def prompts(self):
+        return [concept_prompt(c) for c in self.label_space]
+
+    @property
+    def labels(self):
+        return [self.label_space.index(self.concepts[i % len(self.concepts)]) for i in range(len(self))]
+
+
+class Mixture(Dataset):
+    """Equal shares of several datasets, interleaved by index: sample i is sources[i % k][(i // k) % len].
+
+    So a shuffled batch holds 1/k of each source in expectation, and an epoch is k × the longest source
+    (shorter sources repeat). This is the replay mixture of FoMo-in-Flux: base pre-training data, the current
+    task and a buffer of every previous task, ⅓ each (0.33 / 0.34 / 0.33 there)."""
+
+    def __init__(self, sources):
+        self.sources = [s for s in sources if s is not None and len(s)]
+        if not self.sources:
+            raise ValueError("Mixture needs at least one non-empty dataset")
+
+    def __len__(self):
+        return len(self.sources) * max(len(s) for s in self.sources)
+
+    def __getitem__(self, i):
+        source = self.sources[i % len(self.sources)]
+        return source[(i // len(self.sources)) % len(source)]
+
+
+def replay_mixture(base, current, previous):
+    """Base pre-training data, the current task, and every previous task (ConcatDataset) in equal shares.
+
+    A missing part (no base data for real files, no previous task at t = 1) drops out of the mixture."""
+    buffer = torch.utils.data.ConcatDataset(previous) if previous else None
+    return Mixture([base, current, buffer])
+
+
+def _order_random(concepts, rng):
+    return rng.sample(concepts, len(concepts))
+
+
+def _order_domain(concepts, rng):
+    """Grouped by colour (a colour is a domain), colours in a seeded order: task k teaches mostly one colour."""
+    colors = rng.sample(sorted({c.color for c in concepts}), len({c.color for c in concepts}))
+    return sorted(concepts, key=lambda c: (colors.index(c.color), c.shape))
+
+
+ORDERS = {"random": _order_random, "domain": _order_domain}
+
+
+@dataclass
+class TaskStream:
+    """T tasks of concepts the base model lacks, and a retention set of concepts it knows.
+
+    A class is a (colour, shape) concept: 7 × 5 = 35. The base world (`world`, pre-training data and replay)
+    draws only `base_colors`; the stream's concepts are the other colours × every shape (5 × 5 = 25 with the
+    defaults), cut in `order` into `num_tasks` tasks of disjoint classes. Each task's train / test scenes are
+    single-object ConceptScenes; no test image is ever a training image (`_stream_split`).
+
+    Scoring is zero-shot classification through ITC, as CLIP: a task's test scene is classified among the
+    prompts of *every* stream concept (25-way), the retention set's among the base concepts (10-way). One
+    label space for the whole stream, as FoMo-in-Flux scores a dataset over all its classes, whether streamed
+    yet or not: with a task's own classes only, a base model could tell classes of different shapes apart
+    without knowing their colour, and the task would not need the concept it is meant to teach.
+    """
+
+    seed: int = 0
+    image_size: int = 32
+    num_tasks: int = 5
+    order: str = "random"
+    base_colors: tuple = STREAM_BASE_COLORS
+    test_per_concept: int = 20
+    train_per_concept: int = 10_000  # drawn lazily: a bound on distinct scenes, not a cost
+    base_train_size: int = 20_000
+
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise ValueError(f"stream order {self.order!r}: choose one of {tuple(ORDERS)}")
+        self.world = SyntheticWorld(seed=self.seed, image_size=self.image_size, train_size=self.base_train_size,
+                                    colors=tuple(self.base_colors))
+        if not 1 <= self.num_tasks <= len(self.new_concepts):
+            raise ValueError(f"num_tasks {self.num_tasks}: the stream has {len(self.new_concepts)} concepts")
+
+    @property
+    def known_concepts(self):
+        return [Concept(c, s) for c in self.world.palette for s in range(len(SHAPES))]
+
+    @property
+    def new_concepts(self):
+        return [Concept(c, s) for c in range(len(COLORS)) if c not in self.world.palette for s in range(len(SHAPES))]
+
+    @functools.cached_property
+    def tasks(self):
+        """The concepts of each task, in stream order: T chunks (sizes differing by at most one)."""
+        ordered = ORDERS[self.order](self.new_concepts, random.Random(f"{self.seed}/order/{self.order}"))
+        n, t = len(ordered), self.num_tasks
+        return [ordered[k * n // t:(k + 1) * n // t] for k in range(t)]
+
+    def task(self, t, split):
+        """Task t's (0-based) scenes."""
+        per = self.train_per_concept if split == "train" else self.test_per_concept
+        return ConceptScenes(self.seed, self.image_size, self.tasks[t], split, per, self.new_concepts)
+
+    def retention(self):
+        return ConceptScenes(self.seed, self.image_size, self.known_concepts, "test", self.test_per_concept,
+                             self.known_concepts)
+
+    def base_data(self):
+        """Pre-training data of the base model, and the replay's base share: the base world's captions (2–3
+        objects of the base colours) and, in equal parts, single-object scenes of the base concepts in their
+        training split (the retention set's concepts, as web data holds pictures of ImageNet's classes)."""
+        known = ConceptScenes(self.seed, self.image_size, self.known_concepts, "train", self.train_per_concept,
+                              self.known_concepts)
+        return Mixture([self.world.dataset("pretrain", "train"), known])
+
+    def task_names(self):
+        return [", ".join(concept_name(c) for c in concepts) for concepts in self.tasks]
+
+
+def retrieval_jsonl(path, image_root):
+    """An image–text JSON-lines file (load_image_text_jsonl) as a retrieval split: captions of the same image
+    file share its image_id. Scored by recall, as the stream's real-file form is."""
+    records = load_image_text_jsonl(path, image_root).records
+    ids = {}
+    return ImageTextDataset([{**r, "image_id": ids.setdefault(r["image"], len(ids))} for r in records])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1058,15 +1275,14 @@ def _vqa_annotations(path):
     return {a["question_id"]: a for a in listed if isinstance(a, dict) and "question_id" in a}
 
 
-def _vqa_answers(annotation, index, strict):
+def _vqa_answers(annotation, index):
     given = [_get(a, "answer") for a in _get(annotation, "answers", list)]
     if not given:
         raise _BadRecord("no annotator answers")
-    best = _get(annotation, "multiple_choice_answer")
-    if strict and best not in index:
-        raise _BadRecord(f"answer {best!r} is not in the answer vocabulary")
-    # annotator answers outside the vocabulary cannot be predicted; they just score nothing (as in VQA v2 work)
-    return {"answers": given, "scores": {index[a]: s for a, s in vqa_scores(given).items() if a in index}}
+    # targets count the annotators after the official normalization (as ViLT); answers outside the vocabulary
+    # cannot be predicted and get no target, but the question stays: evaluation scores it on `answers`
+    scores = vqa_scores(normalize_answer(a) for a in given)
+    return {"answers": given, "scores": {index[a]: s for a, s in scores.items() if a in index}}
 
 
 def load_vqa(questions_json, annotations_json, image_root, answers=None, top_k=3129,
@@ -1074,13 +1290,13 @@ def load_vqa(questions_json, annotations_json, image_root, answers=None, top_k=3
     """VQA v2: questions[] (question_id, image_id, question) and annotations[] (question_id, answers[].answer,
     multiple_choice_answer).
 
-    Samples {"image", "text", "question_id", "answers", "target"}; target = soft scores over `answers`.
-    `answers`: the answer vocabulary; None builds the top_k from these annotations (do that on train and
-    pass `dataset.answers` to val). With `answers` given, a question whose multiple-choice answer is not in
-    it is a bad record (for val this drops questions the classifier cannot answer: say so when reporting).
+    Samples {"image", "text", "question_id", "answers" (the humans' answers as written), "target"}; target =
+    soft scores (`vqa_scores`) over `answers`. `answers`: the answer vocabulary; None builds the top_k
+    multiple-choice answers of these annotations (do that on train and pass `dataset.answers` to val). Every
+    question is kept, also one whose human answers all lie outside the vocabulary: its target is zero and
+    `vqa_accuracy` scores whatever is predicted for it, as the official evaluation does.
     `annotations_json=None` (test-dev) gives samples without answers. Image file names follow
     `image_pattern`, formatted with image_id and subtype (the questions file's "data_subtype", e.g. train2014).
-    Answers are used as written: VQA's evaluation-time normalisation is not applied.
     """
     questions_file = _read_json(questions_json)
     questions = _top_list(questions_file, "questions", questions_json)
@@ -1089,8 +1305,7 @@ def load_vqa(questions_json, annotations_json, image_root, answers=None, top_k=3
     annotations = None if annotations_json is None else _vqa_annotations(annotations_json)
     if answers is None and annotations is None:
         raise ValueError("load_vqa: pass `answers` when there are no annotations to build them from")
-    strict = answers is not None
-    answers = list(answers) if strict else _top_answers(annotations.values(), top_k)
+    answers = list(answers) if answers is not None else _top_answers(annotations.values(), top_k)
     index = {a: i for i, a in enumerate(answers)}
     exists = functools.cache(_image_path)  # many questions share an image
     records = []
@@ -1105,7 +1320,7 @@ def load_vqa(questions_json, annotations_json, image_root, answers=None, top_k=3
                 where = f"{annotations_json} question_id {question_id}"
                 if question_id not in annotations:
                     raise _BadRecord("no annotation for this question")
-                record.update(_vqa_answers(annotations[question_id], index, strict))
+                record.update(_vqa_answers(annotations[question_id], index))
         except _BadRecord as error:
             report(where, error)
             continue
@@ -1156,6 +1371,138 @@ def load_nlvr2(jsonl_path, image_root, skip_bad=False):
     return FileDataset(report.finish(records))
 
 
+def load_image_folder(root, classes=None):
+    """ImageNet-style folders, ROOT/<class>/<image>: torchvision's ImageFolder finds the classes (sorted
+    folder names) and the image files; samples {"image", "label"}, images read lazily as for every loader.
+
+    `classes`: the training split's class names, which a validation folder must have too (same indices)."""
+    from torchvision.datasets import ImageFolder
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"{root}: no such folder (expected ROOT/train/<class>/* and ROOT/val/<class>/*)")
+    try:
+        folder = ImageFolder(root, loader=str)  # the loader is never called: read_image reads the files
+    except FileNotFoundError as error:
+        raise ValueError(f"{root}: {error}") from None
+    if classes is not None and folder.classes != list(classes):  # both sorted: the sets differ
+        differing = sorted(set(classes) ^ set(folder.classes))
+        raise ValueError(f"{root}: {len(folder.classes)} class folders vs training's {len(classes)}; "
+                         f"{differing[0]!r} is in one only")
+    dataset = FileDataset([{"image": Path(path), "label": label} for path, label in folder.samples])
+    dataset.classes = folder.classes
+    return dataset
+
+
+ADE20K_CLASSES = 150  # SceneParsing: labels 1..150 are classes, 0 is "other"
+SEG_IGNORE = 255      # the target value that loss and mIoU skip (ADE20k's "other"; mmseg's reduce_zero_label)
+
+
+class SegmentationDataset(FileDataset):
+    """Image + label map pairs; a map reads as (H,W) long with label k -> class k - 1 and 0 -> SEG_IGNORE."""
+
+    def __getitem__(self, i):
+        record = self.records[i]
+        image, labels = read_image(record["image"]), read_label_map(record["mask"])
+        if tuple(labels.shape) != tuple(image.shape[1:]):
+            raise ValueError(f"{record['mask']}: label map {tuple(labels.shape)} vs image {tuple(image.shape[1:])}")
+        if labels.max() > ADE20K_CLASSES:
+            raise ValueError(f"{record['mask']}: label {int(labels.max())} > {ADE20K_CLASSES}")
+        return {"image": image, "mask": torch.where(labels == 0, SEG_IGNORE, labels - 1)}
+
+
+def read_label_map(path):
+    """A PNG of class indices (mode L or P: the index is the pixel value, not a colour) as (H,W) long."""
+    try:
+        with Image.open(path) as image:
+            if image.mode not in ("L", "P"):
+                raise ValueError(f"mode {image.mode}, not an 8-bit index map")
+            return TF.pil_to_tensor(image)[0].long()
+    except (OSError, ValueError, SyntaxError) as error:
+        raise ValueError(f"{path}: cannot read label map ({error})") from error
+
+
+def load_ade20k(root, split):
+    """ADE20k SceneParsing: ROOT/images/<split>/*.jpg with ROOT/annotations/<split>/*.png of the same stem
+    (split: "training" or "validation"). Samples {"image", "mask"}; 150 classes, "other" ignored."""
+    images, labels = Path(root) / "images" / split, Path(root) / "annotations" / split
+    for folder in (images, labels):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: no such folder (ADE20k layout: ROOT/images/{split}, "
+                                    f"ROOT/annotations/{split})")
+    report, records = _Reporter(images, False), []
+    for path in sorted(images.glob("*.jpg")):
+        if not (labels / f"{path.stem}.png").is_file():
+            report(path, f"no label map {labels / (path.stem + '.png')}")
+        records.append({"image": path, "mask": labels / f"{path.stem}.png"})
+    return SegmentationDataset(report.finish(records))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# VQA v2's official accuracy (the VQA API's evaluation script, re-implemented from its rules)
+
+# Facts of the official script: the punctuation it strips, number words it maps to digits, the articles it
+# drops, and its contraction table. Each contraction is listed once, written out; the script maps the forms
+# with exactly one apostrophe left out to it ("dont" -> "don't", "couldnt've" and "couldn'tve" ->
+# "couldn't've"). Its I-forms ("Im", "Ive", ...) are keyed in capitals and never match lowercased text, so
+# they are not listed; "she's" and "let's" only map to themselves.
+_VQA_PUNCTUATION = ';/[]"{}()=+\\_->@`,?!<'
+_VQA_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_VQA_NUMBERS["none"] = "0"
+_VQA_ARTICLES = {"a", "an", "the"}
+_VQA_CONTRACTED = (
+    "ain't aren't can't could've couldn't didn't doesn't don't hadn't hasn't haven't he'd he's how'd how'll how's "
+    "isn't it'd it'll ma'am mightn't might've mustn't must've needn't not've o'clock oughtn't shan't should've "
+    "shouldn't somebody'll somebody's someone'd someone'll someone's something'd something'll that's there'd "
+    "there're there's they'd they'll they're they've 'twas wasn't we've weren't what'll what're what's what've "
+    "when's where'd where's where've who'd who'll who's who've why'll why're why's won't would've wouldn't y'all "
+    "you'd you'll you're you've couldn't've hadn't've he'd've it'd've mightn't've she'd've shouldn't've "
+    "somebody'd've someone'd've something'd've there'd've they'd've we'd've who'd've wouldn't've y'all'll "
+    "y'all'd've you'd've 'ow's'at").split()
+_VQA_CONTRACTIONS = {form[:i] + form[i + 1:]: form for form in _VQA_CONTRACTED
+                     for i, char in enumerate(form) if char == "'"}
+_VQA_CONTRACTIONS["somebody'd"] = "somebodyd"  # the script's table has this one backwards; kept, to agree with it
+_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+_PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
+
+
+def _vqa_punctuation(text):
+    """The script's processPunctuation: a mark next to a space (or any mark in a text with a digit,digit) is
+    deleted, any other becomes a space; then every period not followed by a digit goes."""
+    out = text  # the tests look at the text as given, the replacements at the text so far (as the script)
+    for mark in _VQA_PUNCTUATION:
+        gone = mark + " " in text or " " + mark in text or _DIGIT_COMMA_DIGIT.search(text) is not None
+        out = out.replace(mark, "" if gone else " ")
+    return _PERIOD_NOT_BEFORE_DIGIT.sub("", out)
+
+
+def normalize_answer(answer):
+    """A predicted answer as the official script compares it: whitespace, punctuation, lowercase, number
+    words -> digits, articles dropped, contractions restored ("Two dogs." -> "2 dogs", "dont" -> "don't")."""
+    text = _vqa_punctuation(answer.replace("\n", " ").replace("\t", " ").strip())
+    words = [_VQA_NUMBERS.get(w, w) for w in text.lower().split()]
+    return " ".join(_VQA_CONTRACTIONS.get(w, w) for w in words if w not in _VQA_ARTICLES)
+
+
+def vqa_accuracy(prediction: str, human_answers: list) -> float:
+    """VQA accuracy of one predicted answer against the (10) human answers, in [0, 1].
+
+        acc = mean over annotators j of min(1, #{k ≠ j : answer_k = prediction} / 3)
+
+    i.e. min(1, #matches / 3) averaged over the leave-one-out subsets: 0, 0.3, 0.6, 0.9, 1 for 0, 1, 2, 3, ≥4
+    matching humans out of 10. As in the official script the prediction is fully normalized
+    (`normalize_answer`) while the human answers only lose punctuation, and only when they are not all
+    the same (the released answers are already normalized otherwise).
+    """
+    if not human_answers:
+        raise ValueError("vqa_accuracy: no human answers to score against")
+    prediction = normalize_answer(prediction)
+    humans = [a.replace("\n", " ").replace("\t", " ").strip() for a in human_answers]
+    if len(set(humans)) > 1:
+        humans = [_vqa_punctuation(a) for a in humans]
+    matches = sum(a == prediction for a in humans)
+    # leaving out a matching annotator leaves matches - 1, any other leaves matches
+    return sum(min(1.0, (matches - (a == prediction)) / 3) for a in humans) / len(humans)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Collate and load
 
@@ -1167,7 +1514,8 @@ class Collator:
 
     Batch keys, each present when the samples carry what it comes from: `images` (B,3,H,W) float,
     `images2`, `input_ids` / `attention_mask` / `mlm_input_ids` / `mlm_labels` (B,max_len) long, `target`
-    (B,A) float, `label` (B,), `image_id` (B,), `question_id` (B,), `mask` (B,H,W) long.
+    (B,A) float, `label` (B,), `image_id` (B,), `question_id` (B,), `mask` (B,H,W) long, and in evaluation
+    batches (train=False) `answers`, a list of B lists of human answers (strings).
 
     Randomness. MLM masking keeps no state: each batch gets a fresh torch.Generator seeded from `seed`
     (None counts as 0) and a hash of the batch's token ids. So the masks are a function of the batch
@@ -1181,7 +1529,7 @@ class Collator:
     def __init__(self, tokenizer, max_len=40, mlm_prob=0.15, image_size=None, train=False, randaugment=True,
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), seed=None):
         self.tokenizer, self.max_len, self.mlm_prob = tokenizer, max_len, mlm_prob
-        self.image_size, self.seed = image_size, seed
+        self.image_size, self.seed, self.train = image_size, seed, train
         self.truncated = 0  # texts cut to max_len so far (see _count_truncated)
         self.augment = v2.RandAugment() if train and randaugment else None
         self.mean, self.std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
@@ -1206,6 +1554,8 @@ class Collator:
                 batch[key] = torch.stack([torch.as_tensor(s[key], dtype=dtype) for s in samples])
         if "mask" in keys:
             batch["mask"] = torch.stack([self._resize_mask(s["mask"]) for s in samples])
+        if "answers" in keys and not self.train:  # the humans' answers, as written: what VQA accuracy scores
+            batch["answers"] = [list(s["answers"]) for s in samples]
         return batch
 
     def images(self, images, augment=True):

@@ -17,11 +17,12 @@ both files, imported by neither):
     Keys without a modality segment (``patch_embed.*``, ``word_embed.*``, ``modality_embed``, the
     heads) are copied unchanged — Sec. 4: "we do not merge the embedding layers".
 
-The file reads in four parts:
+The file reads in five parts:
 
 1. Merging any models that share their keys: ``interpolate`` (Σ w_i W_i), ``task_arithmetic``
-   (Ilharco et al.), ``regmean`` (Jin et al.) with ``collect_grams`` for its Gram matrices, and two
-   methods that came after the paper, ``ties`` (Yadav et al. 2023) and ``dare`` (Yu et al. 2024).
+   (Ilharco et al.), ``regmean`` (Jin et al.) with ``collect_grams`` for its Gram matrices, and
+   methods that came after the paper, ``ties`` (Yadav et al. 2023), ``dare`` (Yu et al. 2024) and
+   ``magmax`` (Marczak et al. 2024).
 2. Multimodal merging, Sec. 4.1: ``merge_modalities`` turns the state dict of a modality-specific
    model (msa) into one that loads with ``strict=True`` into the maa model of the same size.
 3. Distances between two weight vectors, Sec. 7 / Table 5: ``l2_distance``,
@@ -29,6 +30,10 @@ The file reads in four parts:
 4. ``modality_weights`` pairs the vision and language experts of one checkpoint, so that
    ``tssd(*modality_weights(state_dict))`` is a number of Table 5; ``modality_vectors`` gives the same
    pairs less their shared start W_0 (τ_m = W_m − W_0), to measure what the experts learned.
+5. Merging over time (Dziadzio et al., CVPR 2025, "TIME"): ``TemporalMerge`` chooses, as experts
+   arrive one task after another, the weights each new expert starts from (init) and the weights
+   that are shipped (deploy), merging with interpolation, task arithmetic, TIES, DARE or MagMax of
+   part 1; ``recency_weights`` are its schedules for the one-shot merge of all experts.
 
 House rules: bad input raises one ValueError (KeyError for a missing key) that names the key;
 merging runs tensor by tensor, so memory beyond the output stays at a few copies of the largest
@@ -111,7 +116,7 @@ def _check_option(name: str, value) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     # alpha and lam are free: outside [0, 1] they extrapolate, which is a legitimate experiment.
-    if name in ("gamma", "density", "k") and not 0 <= value <= 1:
+    if name in ("gamma", "density", "k", "ema_weight") and not 0 <= value <= 1:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
     if name == "p" and not 0 <= value < 1:
         raise ValueError(f"p must be in [0, 1) (it is a drop probability), got {value}")
@@ -318,6 +323,32 @@ def dare(base: StateDict, state_dicts: Sequence[StateDict], p: float, lam: float
                            lambda key, tensors: _dare_tensor(key, tensors[0], tensors[1:], p, lam, seed))
 
 
+def _magmax_tensor(base: Tensor, tensors: Sequence[Tensor], lam: float) -> Tensor:
+    """W_0 + λ τ_max, where τ_max takes per entry the task vector of largest magnitude."""
+    dtype = _compute_dtype(base.dtype)
+    w0 = base.to(dtype)
+    chosen = tensors[0].to(dtype) - w0  # τ_1
+    for tensor in tensors[1:]:
+        task_vector = tensor.to(dtype) - w0  # τ_m = W_m − W_0
+        # strictly larger: on equal magnitude the earlier task keeps the entry
+        chosen = torch.where(task_vector.abs() > chosen.abs(), task_vector, chosen)
+    return torch.add(w0, chosen, alpha=lam).to(base.dtype)
+
+
+def magmax(base: StateDict, state_dicts: Sequence[StateDict], lam: float = 1.0) -> dict:
+    """MagMax (Marczak et al., ECCV 2024), beyond the paper: per entry, the task vector τ_m = W_m − W_0
+    of largest |τ_m|, then W_0 + λ τ_max.
+
+    Ties: on equal magnitude the *first* model in ``state_dicts`` keeps the entry, as in the
+    official code of merging over time (fomo_in_flux: ``argmax`` returns the first maximum);
+    FusionBench's MagMax keeps the later one (a ``>=`` fold). The fold runs one model at a time,
+    so memory stays at two task vectors of one tensor.
+    """
+    _check_option("lam", lam)
+    return _merge_each_key([base, *state_dicts], ["base", *_model_names(len(state_dicts))],
+                           lambda key, tensors: _magmax_tensor(tensors[0], tensors[1:], lam))
+
+
 def regmean(state_dicts: Sequence[StateDict], grams: Sequence[Mapping[str, Tensor]],
             gamma: float = 1.0) -> dict:
     """RegMean (Jin et al. 2023): closed-form merge of linear weights, mean of everything else.
@@ -521,19 +552,23 @@ _MERGERS = {
 METHODS = tuple(_MERGERS)
 
 
-def _check_method_options(method: str, options: dict) -> None:
-    if method not in _MERGERS:
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
-    parameters = [p for p in inspect.signature(_MERGERS[method]).parameters.values()
+def _check_method_options(method: str, options: dict, table: Mapping | None = None,
+                          kind: str = "method") -> None:
+    """The options of a method of a table of small functions (their keyword-only parameters);
+    shared by merge_modalities (_MERGERS) and TemporalMerge (_TECHNIQUES, kind "technique")."""
+    table = _MERGERS if table is None else table
+    if method not in table:
+        raise ValueError(f"unknown {kind} {method!r}; valid {kind}s: {', '.join(table)}")
+    parameters = [p for p in inspect.signature(table[method]).parameters.values()
                   if p.kind is p.KEYWORD_ONLY]
-    valid = ", ".join(p.name for p in parameters)
+    valid = ", ".join(p.name for p in parameters) or "none"
     for name, value in options.items():
         if name not in [p.name for p in parameters]:
-            raise ValueError(f"unknown option {name!r} for method {method!r}; valid options: {valid}")
+            raise ValueError(f"unknown option {name!r} for {kind} {method!r}; valid options: {valid}")
         _check_option(name, value)
     for parameter in parameters:
         if parameter.default is parameter.empty and parameter.name not in options:
-            raise ValueError(f"method {method!r} needs option {parameter.name!r} (options: {valid})")
+            raise ValueError(f"{kind} {method!r} needs option {parameter.name!r} (options: {valid})")
 
 
 def merge_modalities(state_dict: StateDict, method: str, **options) -> dict:
@@ -732,3 +767,239 @@ def tssd(a, b, k: float = 0.5) -> float:
         agreement += chunk_agreement
         length += nonzero
     return 1 - agreement / length if length else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 5: merging over time (TIME; Dziadzio et al., "How to Merge Your Multimodal Models Over
+# Time?", CVPR 2025, arXiv 2412.06712). Experts θ^s_1, θ^s_2, … arrive one task after another;
+# at each task t, init chooses the weights θ^i_t the next expert starts from, deploy the weights
+# θ^o_t that are shipped. Both are plain choices from a dict of small functions; the merging
+# technique M is any generic method of part 1, wrapped to one signature.
+# ---------------------------------------------------------------------------------------------
+
+def _choice(kind: str, value: str, valid: Sequence[str]) -> str:
+    if value not in valid:
+        raise ValueError(f"unknown {kind} {value!r}; valid {kind} options: {', '.join(valid)}")
+    return value
+
+
+# Recency schedules for the offline merge ("all") over members i = 1..n, oldest first; each is
+# normalized to sum to 1 by recency_weights, and reverse_<name> favours the oldest instead.
+_RECENCY = {
+    "uniform": lambda i: 1.0,
+    "linear": lambda i: float(i),  # ∝ i
+    "sqrt": lambda i: math.sqrt(i),  # ∝ √i
+    "quadratic": lambda i: float(i ** 2),  # ∝ i²
+    "cubic": lambda i: float(i ** 3),  # ∝ i³
+    "exp": lambda i: 2.0 ** (i - 1),  # ∝ 2^(i−1)
+    "log": lambda i: math.log(i + 1),  # ∝ ln(i+1)
+}
+SCHEDULES = (*_RECENCY, *(f"reverse_{name}" for name in _RECENCY))
+
+
+def recency_weights(schedule: str, n: int) -> list:
+    """The n weights of a recency schedule, oldest member first, normalized to sum to 1.
+
+    E.g. recency_weights("linear", 5) = (1, 2, 3, 4, 5)/15; "reverse_linear" gives (5, 4, 3, 2, 1)/15.
+    """
+    _choice("schedule", schedule, SCHEDULES)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"recency_weights needs a positive number of members, got {n!r}")
+    reverse = schedule.startswith("reverse_")
+    raw = [_RECENCY[schedule.removeprefix("reverse_")](i) for i in range(1, n + 1)]
+    total = sum(raw)
+    weights = [r / total for r in raw]  # w_i = r_i / Σ_j r_j
+    return weights[::-1] if reverse else weights
+
+
+# Each technique as M(θ_0, members, weights, step, **options). weights (summing to 1) weigh the
+# members of interpolation only: task-vector techniques take θ_0 as their anchor and λ as their
+# scale, as in the official code. step is the EMA step t (0 for a one-shot merge); only DARE uses
+# it, so that every fold draws fresh masks.
+def _time_interpolation(base, members, weights, step):
+    return interpolate(members, weights)  # Σ_i w_i θ_i
+
+
+def _time_task_arithmetic(base, members, weights, step, *, lam):
+    return task_arithmetic(base, members, lam)  # θ_0 + λ Σ_i (θ_i − θ_0)
+
+
+def _time_ties(base, members, weights, step, *, density, lam):
+    return ties(base, members, density, lam)
+
+
+def _time_dare(base, members, weights, step, *, p, lam, seed):
+    # A fixed seed would draw the same masks at every fold of the running merge.
+    return dare(base, members, p, lam, seed + step)
+
+
+def _time_magmax(base, members, weights, step, *, lam=1.0):
+    return magmax(base, members, lam)  # θ_0 + λ τ_max
+
+
+_TECHNIQUES = {
+    "interpolation": _time_interpolation,
+    "task_arithmetic": _time_task_arithmetic,
+    "ties": _time_ties,
+    "dare": _time_dare,
+    "magmax": _time_magmax,
+}
+TECHNIQUES = tuple(_TECHNIQUES)
+
+# What each init/deploy choice hands over, or None for "θ_0" (before any expert exists). The same
+# four quantities serve both phases; only the moment differs (init before task t is trained,
+# deploy after its expert is stored), so `ft` is θ^s_{t−1} at init and θ^s_t at deploy.
+_CHOICES = {
+    "zs": lambda tm: tm.base,  # θ_0
+    "ft": lambda tm: tm.latest,  # the newest stored expert
+    "all": lambda tm: tm.offline_merge(),  # one-shot merge of the stored experts
+    "ema": lambda tm: tm.running,  # the running merge E_t
+}
+INITS = ("zs", "ft", "all", "ema")
+DEPLOYS = ("ft", "all", "ema")
+
+
+class TemporalMerge:
+    """Init, store and deploy for merging over time (TIME).
+
+    Reference: S. Dziadzio et al., "How to Merge Your Multimodal Models Over Time?", CVPR 2025,
+    arXiv 2412.06712. Official code:
+    github.com/ExplainableML/fomo_in_flux (read at commit 3e123d9).
+
+    The loop, per task t = 1..T:
+
+        θ^i_t = tm.init_weights()     init: the weights the expert of task t starts from
+        θ^s_t = train(θ^i_t, task t)  (not here: merge.py knows nothing of training)
+        tm.store(θ^s_t)               store, and fold θ^s_t into the running merge
+        θ^o_t = tm.deploy_weights()   deploy: the weights evaluated and shipped
+
+    init ∈ {zs: θ_0, ft: θ^s_{t−1}, all: one-shot merge of θ^s_1..θ^s_{t−1}, ema: E_{t−1}};
+    deploy ∈ {ft: θ^s_t, all: one-shot merge of θ^s_1..θ^s_t, ema: E_t}. Before any expert is stored
+    every choice is θ_0. The running merge (EMA) is E_t = M([θ^s_t, E_{t−1}]) with weight w =
+    ema_weight on the newest, E_0 = θ_0 (or, with ema_from_base=False, E_1 = θ^s_1); under
+    interpolation E_t = (1−w)^t θ_0 + Σ_k w(1−w)^{t−k} θ^s_k. "all" weighs its members by
+    recency_weights(schedule, n), θ_0 a member only with all_with_base. Continual fine-tuning is
+    ft/ft, offline merging zs/all, "Best-in-TIME" ema/ema.
+
+    technique is one of TECHNIQUES, with the options of its generic method of part 1: none for
+    interpolation, lam= for task_arithmetic, density=, lam= for ties, p=, lam=, seed= for dare,
+    lam= (default 1.0) for magmax. Every floating-point key is merged; other keys (integer
+    buffers) are copied from the newest member. Memory: θ_0 (a copy) plus only what the chosen
+    init and deploy need — E_t alone for ema (O(1) in t), the newest expert for ft, every expert
+    for all. Weights handed out are fresh copies: training them in place changes nothing here.
+
+    Implementation notes, matched to the official release:
+    - ``ema`` is the official ``unrolled`` choice: a left fold over the buffer [θ_0, θ^s_1, …],
+      newest first, running ← M([newest, running], anchor θ_0). The official code refolds the
+      whole buffer at every step (memory O(t)); we keep E_t and fold once per store (O(1)), the
+      same result for every deterministic technique. Task arithmetic then reads
+      E_t − θ_0 = λ[(θ^s_t − θ_0) + (E_{t−1} − θ_0)], which at λ = 0.5 is the interpolation EMA.
+    - ``all`` with one member (one expert, θ_0 excluded) returns that expert unmerged, as the
+      official code does. Its schedules (there also ``fifth`` and ``tenth``, not here) weigh
+      interpolation only; the official code silently ignores them for task-vector techniques,
+      here a non-uniform schedule or an ema_weight other than 0.5 with such a technique is an error.
+    - TIES: the official percentile is the fraction *dropped* over the whole flattened model;
+      ``ties`` here keeps the fraction ``density`` per tensor. DARE: the official ``dare_ties``
+      adds TIES' sign election and draws masks from the global RNG; ``dare`` here is plain DARE
+      with seed + t at EMA step t (a one-shot merge uses the seed as given).
+    - MagMax ties: the official code keeps the first member on equal magnitude (FusionBench the
+      later); so does ``magmax`` here. In the EMA the first member is the newest expert.
+    """
+
+    def __init__(self, base: StateDict, init: str = "ema", deploy: str = "ema",
+                 technique: str = "interpolation", ema_weight: float = 0.5, ema_from_base: bool = True,
+                 schedule: str = "uniform", all_with_base: bool = False, **technique_options):
+        self.init = _choice("init", init, INITS)
+        self.deploy = _choice("deploy", deploy, DEPLOYS)
+        _check_method_options(technique, technique_options, _TECHNIQUES, kind="technique")
+        _check_option("ema_weight", ema_weight)
+        self.schedule = _choice("schedule", schedule, SCHEDULES)
+        if technique != "interpolation" and (schedule != "uniform" or ema_weight != 0.5):
+            raise ValueError(f"schedule and ema_weight weigh the members of interpolation only; "
+                             f"technique {technique!r} takes λ (lam=) and no per-member weights "
+                             f"(got schedule={schedule!r}, ema_weight={ema_weight})")
+        self.technique, self.options = technique, dict(technique_options)
+        self.ema_weight, self.ema_from_base, self.all_with_base = ema_weight, ema_from_base, all_with_base
+        if not isinstance(base, Mapping) or not any(t.is_floating_point() for t in base.values()):
+            raise ValueError("base (θ_0) must be a state dict with at least one floating-point tensor")
+        # θ_0 is copied: a caller who trains the model behind base in place must not move it.
+        self.base = {key: tensor.detach().clone() for key, tensor in base.items()}
+        for key, tensor in self.base.items():
+            if tensor.is_floating_point() and not _all_finite(tensor):
+                raise ValueError(f"key {key!r}: base (θ_0) holds NaN or Inf")
+        self.float_keys = [key for key, tensor in self.base.items() if tensor.is_floating_point()]
+        self.t = 0  # experts stored so far
+        needed = {self.init, self.deploy}
+        self.experts = [] if "all" in needed else None  # θ^s_1..θ^s_t, kept only for all
+        self.keeps_latest = "ft" in needed
+        self.keeps_ema = "ema" in needed
+        self.latest = None  # θ^s_t (the same object as experts[-1] when both are kept)
+        self.running = None  # E_t; None stands for E_0 = θ_0
+
+    def init_weights(self) -> dict:
+        """θ^i_t: TIME's *initialization phase*, the weights the next expert starts training from
+        (not a model's random initialization). θ_0 before any expert is stored."""
+        return self._hand_over(self.init)
+
+    def deploy_weights(self) -> dict:
+        """θ^o_t: the weights evaluated and shipped after the newest expert. θ_0 before any expert."""
+        return self._hand_over(self.deploy)
+
+    def store(self, expert: StateDict) -> None:
+        """Append θ^s_t: keep it if ft or all needs it, and fold it into E_t if ema does."""
+        name = f"expert {self.t + 1}"
+        _check_like_base(self.base, expert, name)
+        expert = {key: tensor.detach().clone() for key, tensor in expert.items()}
+        self.t += 1
+        if self.experts is not None:
+            self.experts.append(expert)
+        if self.keeps_latest:
+            self.latest = expert
+        if self.keeps_ema:
+            self.running = self._fold(expert)
+
+    def offline_merge(self):
+        """One-shot merge of θ^s_1..θ^s_t ("all"), weighted by the schedule; None before any expert."""
+        if not self.experts:
+            return None
+        members = [self.base, *self.experts] if self.all_with_base else self.experts
+        if len(members) == 1:
+            return members[0]  # nothing to merge (the official code returns the expert as is)
+        weights = recency_weights(self.schedule, len(members))  # oldest first
+        return self._merge(members, weights, step=0, newest=members[-1])
+
+    def _fold(self, expert: dict) -> dict:
+        if self.running is None and not self.ema_from_base:
+            return expert  # E_1 = θ^s_1
+        previous = self.base if self.running is None else self.running  # E_{t−1}, E_0 = θ_0
+        w = self.ema_weight
+        # E_t = M([θ^s_t, E_{t−1}]): interpolation w θ^s_t + (1−w) E_{t−1}; task arithmetic
+        # θ_0 + λ[(θ^s_t − θ_0) + (E_{t−1} − θ_0)]; DARE with seed + t
+        return self._merge([expert, previous], [w, 1 - w], step=self.t, newest=expert)
+
+    def _merge(self, members: list, weights: list, step: int, newest: StateDict) -> dict:
+        """M over the floating-point keys; the other keys copied from the newest member."""
+        floats = [{key: member[key] for key in self.float_keys} for member in members]
+        anchor = {key: self.base[key] for key in self.float_keys}
+        merged = _TECHNIQUES[self.technique](anchor, floats, weights, step, **self.options)
+        return {key: merged[key] if key in merged else newest[key].clone() for key in self.base}
+
+    def _hand_over(self, choice: str) -> dict:
+        weights = _CHOICES[choice](self)
+        weights = self.base if weights is None else weights
+        return {key: tensor.clone() for key, tensor in weights.items()}
+
+
+def _check_like_base(base: StateDict, state_dict: StateDict, name: str) -> None:
+    """state_dict has θ_0's keys, and per key its shape and dtype (finite where floating point)."""
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"{name} must be a state dict, got {type(state_dict).__name__}")
+    names = ["base (θ_0)", name]
+    _check_same_keys([base, state_dict], names)
+    for key, tensor in base.items():
+        other = state_dict[key]
+        if tensor.is_floating_point():
+            _check_tensors(f"key {key!r}", [tensor, other], names)
+        elif other.shape != tensor.shape or other.dtype != tensor.dtype:
+            raise ValueError(f"key {key!r}: {tensor.dtype} {tuple(tensor.shape)} in base (θ_0) "
+                             f"vs {other.dtype} {tuple(other.shape)} in {name}")

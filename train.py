@@ -18,6 +18,11 @@ Fine-tuning: --task vqa|retrieval|nlvr2|cls|seg from a pre-trained (or merged) c
 parameters the task's route uses are trained, so on vision tasks an msa model fine-tunes just its vision
 encoder (Sec. 6.5). A run writes runs/<name>/{args.json, log.jsonl, ckpt.pt, metrics.json}.
 
+Evaluation uses the metric each community reports (Sec. 5): TR/IR R@1/5/10, the official VQA accuracy
+(data.vqa_accuracy, every question), NLVR2 and top-1 accuracy, mIoU. Data is the synthetic world or real
+files (REAL_DATA: --data for training, --eval-data for scoring); --eval-only scores a checkpoint and refuses
+one that lacks the task's head.
+
 Every loss is a method of `Objective`, an nn.Module, so that DDP sees the whole computation in forward.
 """
 import argparse
@@ -40,7 +45,7 @@ from tqdm import tqdm
 
 import data
 from model import (ARCHS, TASKS, VARIANTS, ModelConfig, VLTransformer, build_model, is_backbone_key, is_head_key,
-                   load_vit_weights, shared_key, strip_prefixes)
+                   load_vit_weights, resize_pos_embed, shared_key, strip_prefixes)
 
 # ----------------------------------------------------------------------------------------------
 # Losses.
@@ -100,6 +105,12 @@ def mlm_loss(logits, labels):
     return total / (labels != -100).sum().clamp(min=1)
 
 
+def seg_loss(logits, mask):
+    """Per-pixel cross-entropy over the labelled pixels; summed and divided by max(1, #labelled) as MLM's."""
+    total = F.cross_entropy(logits.float(), mask, ignore_index=data.SEG_IGNORE, reduction="sum")
+    return total / (mask != data.SEG_IGNORE).sum().clamp(min=1)
+
+
 def vqa_loss(logits, target):
     """VQA soft-score BCE, scaled by the answer count as in VLMo / ViLT."""
     return F.binary_cross_entropy_with_logits(logits.float(), target) * target.shape[1]
@@ -142,8 +153,8 @@ class Objective(nn.Module):
             loss, _ = itc_loss(*out, self.model.logit_scale)
         elif task == "vqa":
             loss = vqa_loss(out, batch["target"])
-        elif task == "seg":
-            loss = F.cross_entropy(out.float(), batch["mask"])
+        elif task == "seg":  # ADE20k's "other" (data.SEG_IGNORE) is no class: no loss there
+            loss = seg_loss(out, batch["mask"])
         else:  # nlvr2, cls
             loss = F.cross_entropy(out.float(), batch["label"])
         return loss, {task: loss.detach()}
@@ -199,38 +210,121 @@ def evaluate_retrieval(model, dataset, collate, batch_size, autocast):
 
 
 @torch.no_grad()
-def evaluate(model, task, dataset, collate, batch_size=64, autocast=contextlib.nullcontext()):
-    """The task's metrics on `dataset` (percentages). Pre-training is scored by zero-shot retrieval."""
+def zero_shot_predict(model, images, prompt_ids, prompt_mask, batch_size=256, autocast=contextlib.nullcontext()):
+    """Zero-shot classification through ITC, as CLIP: each image goes to the class whose text prompt has the
+    most similar embedding. images (N,3,H,W) normalized; prompts (C,L) token ids and mask. Returns (N,) long."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    try:
+        with autocast:
+            text_feats = model.encode_text(prompt_ids.to(device), prompt_mask.to(device))       # (C, L, D)
+        predicted = []
+        for start in range(0, len(images), batch_size):
+            with autocast:
+                image, text = model.itc_embed(model.encode_image(images[start:start + batch_size].to(device)),
+                                              text_feats)                                    # (B, D), (C, D)
+            predicted.append((image.float() @ text.float().T).argmax(1).cpu())              # (B,)
+    finally:
+        model.train(was_training)
+    return torch.cat(predicted)
+
+
+def zero_shot_inputs(dataset, collate):
+    """What zero-shot classification of `dataset` needs, prepared once: its images (normalized), labels, and
+    the token ids and mask of its class prompts (`dataset.prompts`, `dataset.labels`)."""
+    images = collate.images([dataset[i]["image"] for i in range(len(dataset))])              # (N, 3, H, W)
+    return (images, torch.as_tensor(dataset.labels), *collate.texts(dataset.prompts))
+
+
+def zero_shot_accuracy(model, images, labels, prompt_ids, prompt_mask) -> float:
+    """Top-1 of zero_shot_predict, in percent; the arguments are zero_shot_inputs(dataset, collate)."""
+    return 100 * (zero_shot_predict(model, images, prompt_ids, prompt_mask) == labels).float().mean().item()
+
+
+@torch.no_grad()
+def evaluate(model, task, dataset, collate, batch_size=64, autocast=contextlib.nullcontext(), predictions=None):
+    """The task's metrics on `dataset` (percentages): the metric each community reports (Sec. 5). Pre-training
+    is scored by zero-shot retrieval. `predictions`: a JSON file for the answers (VQA: the submission format)."""
     was_training = model.training
     model.eval()
     try:
         if task in ("pretrain", "retrieval"):
             return evaluate_retrieval(model, dataset, collate, batch_size, autocast)
-        return evaluate_predictions(model, task, dataset, collate, batch_size, autocast)
+        return evaluate_predictions(model, task, dataset, collate, batch_size, autocast, predictions)
     finally:
         model.train(was_training)
 
 
-def evaluate_predictions(model, task, dataset, collate, batch_size, autocast):
+def evaluate_predictions(model, task, dataset, collate, batch_size, autocast, predictions=None):
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    total, score = 0, 0.0
-    confusion = torch.zeros(model.cfg.seg_classes, model.cfg.seg_classes, dtype=torch.long)
+    scorer = SCORERS[task](model, dataset)
     for batch in loader:
         batch = to_device(batch, model_device(model))
         with autocast:
             out = model(batch).float()
-        if task == "vqa":  # VQA accuracy: the soft score of the predicted answer
-            score += batch["target"].gather(1, out.argmax(1, keepdim=True)).sum().item()
-        elif task == "seg":
-            pred, truth = out.argmax(1).flatten().cpu(), batch["mask"].flatten().cpu()
-            confusion += torch.bincount(truth * model.cfg.seg_classes + pred,
-                                        minlength=model.cfg.seg_classes ** 2).view_as(confusion)
-        else:
-            score += (out.argmax(1) == batch["label"]).sum().item()
-        total += len(out)
-    if task == "seg":
-        return {"miou": confusion_miou(confusion), "pixel_acc": 100 * confusion.diag().sum().item() / confusion.sum().item()}
-    return {"vqa_score" if task == "vqa" else "accuracy": 100 * score / total}
+        scorer.add(out, batch)
+    if predictions:  # VQA only (check_args)
+        write_json(predictions, scorer.rows)
+    return scorer.result()
+
+
+class Accuracy:
+    """NLVR2 and classification: top-1 accuracy (percent)."""
+
+    def __init__(self, model, dataset):
+        self.right, self.total = 0, 0
+
+    def add(self, logits, batch):
+        self.right += (logits.argmax(1) == batch["label"]).sum().item()
+        self.total += len(logits)
+
+    def result(self):
+        return {"accuracy": 100 * self.right / self.total}
+
+
+class VQAAccuracy:
+    """VQA v2: the official accuracy (data.vqa_accuracy) of the top answer against the humans' answers as
+    written, for every question; `rows` is the submission, [{"question_id": int, "answer": str}, ...]."""
+
+    def __init__(self, model, dataset):
+        # a real VQA file carries its answer vocabulary; the synthetic world's is the world's
+        self.answers = getattr(dataset, "answers", None) or dataset.world.answers
+        self.scores, self.rows = [], []
+
+    def add(self, logits, batch):
+        for i, index in enumerate(logits.argmax(1).tolist()):
+            answer = self.answers[index]
+            question = int(batch["question_id"][i]) if "question_id" in batch else len(self.rows)
+            self.rows.append({"question_id": question, "answer": answer})
+            if "answers" in batch:
+                self.scores.append(data.vqa_accuracy(answer, batch["answers"][i]))
+
+    def result(self):
+        out = {"questions": len(self.rows)}
+        if self.scores:  # test-dev has no public answers: only the submission
+            out["vqa_score"] = 100 * sum(self.scores) / len(self.scores)
+        return out
+
+
+class MeanIoU:
+    """Segmentation: mIoU and pixel accuracy over the labelled pixels (data.SEG_IGNORE skipped)."""
+
+    def __init__(self, model, dataset):
+        self.n = model.cfg.seg_classes
+        self.confusion = torch.zeros(self.n, self.n, dtype=torch.long)
+
+    def add(self, logits, batch):
+        truth, pred = batch["mask"].flatten().cpu(), logits.argmax(1).flatten().cpu()
+        keep = truth != data.SEG_IGNORE
+        self.confusion += torch.bincount(truth[keep] * self.n + pred[keep], minlength=self.n ** 2).view(self.n, self.n)
+
+    def result(self):
+        labelled = max(1, self.confusion.sum().item())
+        return {"miou": confusion_miou(self.confusion), "pixel_acc": 100 * self.confusion.diag().sum().item() / labelled}
+
+
+SCORERS = {"vqa": VQAAccuracy, "nlvr2": Accuracy, "cls": Accuracy, "seg": MeanIoU}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,12 +375,30 @@ def model_from_checkpoint(checkpoint: dict, task=None, **overrides) -> VLTransfo
     return VLTransformer(ModelConfig(**fields))
 
 
+# The heads each task's evaluation reads (a subset of model.HEADS[task]): a checkpoint without them has
+# nothing to score on that task (pre-training is scored by zero-shot retrieval: ITC's projections).
+EVAL_HEADS = {"pretrain": ("itc_image_proj", "itc_text_proj"), "retrieval": ("itc_image_proj", "itc_text_proj"),
+              "vqa": ("pooler", "vqa_head"), "nlvr2": ("pooler", "nlvr2_head"), "cls": ("cls_norm", "cls_head"),
+              "seg": ("seg_head",)}
+
+
+def require_heads(task, fresh_keys, path):
+    """--eval-only: the task's heads must come from the checkpoint; a freshly initialized one would be scored
+    without a word. One error naming the missing heads."""
+    missing = [h for h in EVAL_HEADS[task] if any(k.split(".")[0] == h for k in fresh_keys)]
+    if missing:
+        raise ValueError(f"checkpoint {path} has no {task} head ({', '.join(missing)} missing): it was not "
+                         f"trained on {task}; fine-tune it first (train.py --task {task} --init {path})")
+
+
 def transfer_weights(model: VLTransformer, source: dict, source_variant=None) -> list:
     """Initialize `model` from a checkpoint's state dict: the same variant, or a maa checkpoint
     expanded into every expert (the seed hand-over), or a timm ViT. Heads the source lacks stay as
     built; heads the target lacks are dropped; anything else missing or extra is an error naming
     the key. Returns the keys that were left freshly initialized."""
     source = strip_prefixes(source)
+    if "pos_embed" in source:  # fine-tuning at another image size (Table 6: 384 / 480 px) resamples the grid
+        source["pos_embed"] = resize_pos_embed(source["pos_embed"], model.cfg.num_patches)
     if "word_embed.weight" not in source:  # a plain image ViT (timm / BEiT converted)
         load_vit_weights(model, source)
         return [k for k in model.state_dict() if not is_backbone_key(k)]
@@ -316,33 +428,101 @@ def transfer_weights(model: VLTransformer, source: dict, source_variant=None) ->
 # ----------------------------------------------------------------------------------------------
 # Data: the synthetic world by default, real-format files when given.
 
-def make_data(args, task: str):
-    """(train dataset, eval dataset, tokenizer, task sizes) for `task`."""
-    if args.data == "synthetic":
+def make_data(args, task: str, answers=None, evaluation=True):
+    """(train dataset, eval dataset, tokenizer, task sizes) for `task`: the synthetic world, or real-format
+    files (REAL_DATA). With --eval-only the training data is not read (train dataset None); `answers` is then
+    the VQA answer vocabulary, from the checkpoint. evaluation=False: no evaluation data is read (None)."""
+    if args.data == "synthetic" and not (args.eval_only and args.eval_data):
         world = data.SyntheticWorld(seed=args.world_seed, image_size=args.image_size)
         eval_task = "retrieval" if task == "pretrain" else task
         sizes = dict(num_answers=len(world.answers), num_classes=world.num_classes, seg_classes=world.seg_classes)
         return world.dataset(task, "train"), world.dataset(eval_task, args.eval_split), world.tokenizer(), sizes
-    if not os.path.exists(args.data):
-        raise FileNotFoundError(f"--data {args.data}: no such file")
-    if not args.vocab:
+    for flag in ("data", "eval_data", "annotations", "eval_annotations", "vocab"):
+        path = getattr(args, flag)
+        if path and path != "synthetic" and not os.path.exists(path):
+            raise FileNotFoundError(f"--{flag.replace('_', '-')} {path}: no such file")
+    if not args.vocab and task not in ("cls", "seg"):
         raise ValueError("--vocab PATH (a BERT vocab.txt) is needed with real data")
-    tokenizer = data.Tokenizer.from_vocab_file(args.vocab)
-    root = args.image_root or os.path.dirname(args.data)
-    if task == "vqa":
-        if not args.annotations:
-            raise ValueError("--annotations PATH (VQA v2 annotations JSON) is needed with --task vqa")
-        train = data.load_vqa(args.data, args.annotations, root)
-        return train, None, tokenizer, dict(num_answers=len(train.answers))
-    if task == "nlvr2":
-        return data.load_nlvr2(args.data, root), None, tokenizer, {}
+    tokenizer = data.Tokenizer.from_vocab_file(args.vocab) if args.vocab else None
+    load_train, load_eval = REAL_DATA[task]
+    train = None if args.eval_only else load_train(args)
+    evalset = load_eval(args, train, answers) if evaluation else None
+    if evalset is None and evaluation and not args.eval_only:
+        print(f"warning: no evaluation data for --task {task} (--eval-data): this run writes no metrics.json",
+              file=sys.stderr)
+    some = train if train is not None else evalset
+    sizes = {"vqa": lambda: dict(num_answers=len(some.answers)), "cls": lambda: dict(num_classes=len(some.classes)),
+             "seg": lambda: dict(seg_classes=data.ADE20K_CLASSES)}.get(task, dict)()
+    return train, evalset, tokenizer, sizes
+
+
+# Real-format data, per task: (training set from the flags, evaluation set from the flags). Images of the
+# training files live under --image-root (default: the file's folder), those of the evaluation files under
+# --eval-image-root (default: --image-root, else the evaluation file's folder).
+
+def train_root(args):
+    return args.image_root or os.path.dirname(args.data)
+
+
+def eval_root(args):
+    return args.eval_image_root or args.image_root or os.path.dirname(args.eval_data or args.data)
+
+
+def image_text_train(args):
     if args.data.endswith(".jsonl"):
-        train = data.load_image_text_jsonl(args.data, root)
-    else:
-        train = data.load_karpathy(args.data, root, "train")
-    evalset = data.load_karpathy(args.eval_data, args.image_root or os.path.dirname(args.eval_data), "val") \
-        if args.eval_data else None
-    return train, evalset, tokenizer, {}
+        return data.load_image_text_jsonl(args.data, train_root(args))
+    return data.load_karpathy(args.data, train_root(args), "train")
+
+
+def karpathy_eval(args, train, answers):
+    """The --eval-split (val / test) of a Karpathy JSON: --eval-data, else --data when it is one."""
+    path = args.eval_data or (args.data if args.data.endswith(".json") else None)
+    return data.load_karpathy(path, eval_root(args), args.eval_split) if path else None
+
+
+def vqa_train(args):
+    if not args.annotations:
+        raise ValueError("--annotations PATH (VQA v2 annotations JSON) is needed with --task vqa")
+    return data.load_vqa(args.data, args.annotations, train_root(args))
+
+
+def vqa_eval(args, train, answers):
+    """Every question of --eval-data, scored against --eval-annotations (none: test-dev, --predictions only)."""
+    if not args.eval_data:
+        return None
+    answers = train.answers if train is not None else answers
+    if answers is None:
+        raise ValueError("VQA evaluation needs the answer vocabulary: --init a checkpoint fine-tuned by train.py "
+                         "--task vqa (it stores its answers), or give the training --data and --annotations")
+    if not args.eval_annotations and not args.predictions:
+        raise ValueError(f"--eval-data {args.eval_data} without --eval-annotations has nothing to score: give "
+                         "--eval-annotations, or --predictions FILE for the submission (test-dev)")
+    return data.load_vqa(args.eval_data, args.eval_annotations, eval_root(args), answers=answers)
+
+
+def names_evaluation(args) -> bool:
+    """Whether the flags name evaluation data for args.task (real data), i.e. whether the run will score."""
+    if args.task in ("cls", "seg"):  # ROOT/val, ROOT/images/validation
+        return True
+    if args.task in ("pretrain", "retrieval") and args.data.endswith(".json"):  # its own Karpathy eval split
+        return True
+    return bool(args.eval_data) and (args.task != "vqa" or bool(args.eval_annotations))
+
+
+REAL_DATA = {
+    "pretrain": (image_text_train, karpathy_eval),
+    "retrieval": (image_text_train, karpathy_eval),
+    "vqa": (vqa_train, vqa_eval),
+    "nlvr2": (lambda args: data.load_nlvr2(args.data, train_root(args)),
+              lambda args, train, answers: data.load_nlvr2(args.eval_data, eval_root(args)) if args.eval_data else None),
+    # --data ROOT: ROOT/train/<class>/*, ROOT/val/<class>/* (--eval-data ROOT2: ROOT2/val)
+    "cls": (lambda args: data.load_image_folder(os.path.join(args.data, "train")),
+            lambda args, train, answers: data.load_image_folder(os.path.join(args.eval_data or args.data, "val"),
+                                                                train.classes if train is not None else None)),
+    # --data ROOT: ADE20k SceneParsing, ROOT/{images,annotations}/{training,validation}
+    "seg": (lambda args: data.load_ade20k(args.data, "training"),
+            lambda args, train, answers: data.load_ade20k(args.eval_data or args.data, "validation")),
+}
 
 
 class SkipSampler(torch.utils.data.Sampler):
@@ -466,16 +646,27 @@ def build_parser():
     p.add_argument("--fusion-layers", type=int, default=None, help="M top layers with VL experts (Sec. 3: 2)")
     p.add_argument("--max-len", type=int, default=None, help="text tokens (Sec. 5: 40)")
     # -- data
-    p.add_argument("--data", default="synthetic", help="'synthetic' or a real-format file (.jsonl / Karpathy .json "
-                                                       "/ VQA questions .json / NLVR2 .jsonl)")
-    p.add_argument("--eval-data", default=None, help="Karpathy JSON whose 'val' split scores pre-training")
-    p.add_argument("--annotations", default=None, help="VQA v2 annotations JSON (with --task vqa)")
-    p.add_argument("--image-root", default=None)
+    p.add_argument("--data", default="synthetic",
+                   help="'synthetic', or real training data: image-text .jsonl / Karpathy .json (pretrain, "
+                        "retrieval), VQA v2 questions .json (+ --annotations), NLVR2 .jsonl, an ImageFolder ROOT "
+                        "(cls: ROOT/train, ROOT/val) or an ADE20k ROOT (seg: ROOT/images, ROOT/annotations)")
+    p.add_argument("--annotations", default=None, help="VQA v2 annotations JSON of --data (with --task vqa)")
+    p.add_argument("--image-root", default=None, help="folder of --data's images (default: --data's folder)")
+    p.add_argument("--eval-data", default=None,
+                   help="real evaluation data: a Karpathy JSON (its --eval-split; default --data when that is one), "
+                        "VQA v2 questions, NLVR2 dev / test-P .jsonl; cls / seg: a ROOT (default --data)")
+    p.add_argument("--eval-annotations", default=None,
+                   help="VQA v2 annotations of --eval-data (none: test-dev, write --predictions)")
+    p.add_argument("--eval-image-root", default=None, help="folder of --eval-data's images (default: --image-root)")
+    p.add_argument("--predictions", default=None,
+                   help="VQA: write the answers here in the official submission format "
+                        "[{\"question_id\": int, \"answer\": str}, ...]")
     p.add_argument("--randaugment", default="auto", choices=["auto", "on", "off"],
                    help="Sec. 5 RandAugment on training images; auto = on for real data, off for the synthetic world")
     p.add_argument("--vocab", default=None, help="BERT vocab.txt (real data)")
     p.add_argument("--world-seed", type=int, default=0, help="seed of the synthetic world")
-    p.add_argument("--eval-split", default="test", choices=["val", "test"])
+    p.add_argument("--eval-split", default="test", choices=["val", "test"],
+                   help="synthetic world / Karpathy JSON split that is scored (COCO 5k and Flickr30k 1k: test)")
     p.add_argument("--eval-only", action="store_true")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     p.add_argument("--eval-batch-size", type=int, default=128)
@@ -497,13 +688,22 @@ def build_parser():
 def run(argv=None) -> dict:
     """`train.py` itself: the flags -> data, model (fresh or --init) -> `fit`. Returns the final metrics."""
     args = parse_args(argv)
-    train_set, eval_set, tokenizer, sizes = make_data(args, args.task)
-    torch.manual_seed(args.seed)  # fresh weights (and heads new to a task) follow --seed, the same on every rank
-    model = model_from_args(args, vocab_size=len(tokenizer), **sizes)
-    if args.init:
-        ckpt = load_checkpoint(args.init)
+    ckpt = load_checkpoint(args.init) if args.init else None
+    if ckpt:
         check_arch(ckpt, args, args.init, same_variant=False)
-        transfer_weights(model, ckpt["model"], ckpt.get("variant"))
+    train_set, eval_set, tokenizer, sizes = make_data(args, args.task, answers=(ckpt or {}).get("answers"))
+    if args.eval_only and eval_set is None:
+        raise ValueError(f"--eval-only: no evaluation data for --task {args.task} (give --eval-data)")
+    torch.manual_seed(args.seed)  # fresh weights (and heads new to a task) follow --seed, the same on every rank
+    # image-only real data (cls, seg) needs no tokenizer: the word embedding keeps the checkpoint's size
+    vocab_size = len(tokenizer) if tokenizer else (ckpt or {}).get("config", {}).get("vocab_size", 30522)
+    model = model_from_args(args, vocab_size=vocab_size, **sizes)
+    if ckpt:
+        fresh = transfer_weights(model, ckpt["model"], ckpt.get("variant"))
+        if args.eval_only:
+            require_heads(args.task, fresh, args.init)
+    elif args.eval_only:
+        raise ValueError("--eval-only scores a checkpoint: give --init CKPT")
     return fit(args, model, train_set, eval_set, tokenizer)
 
 
@@ -525,7 +725,7 @@ def fit(args, model, train_set, eval_set=None, tokenizer=None) -> dict:
     master = rank == 0
     torch.manual_seed(args.seed + rank)  # each rank its own stream: its own hard negatives, its own dropout
     random.seed(args.seed + rank)
-    if args.epochs:
+    if args.epochs and train_set is not None:
         args.steps = max(1, math.ceil(args.epochs * len(train_set) / args.batch_size))
     micro = micro_batch_size(args, world)
     os.makedirs(args.out, exist_ok=True)
@@ -549,7 +749,7 @@ def fit(args, model, train_set, eval_set=None, tokenizer=None) -> dict:
             thing.load_state_dict(resumed[name])
         set_rng_state(rank_rng_state(resumed["rng"], rank, world, ckpt_path))
     if master:
-        write_json(os.path.join(args.out, "args.json"), vars(args) | {"frozen_parameters": len(frozen)})
+        write_json(os.path.join(args.out, "args.json"), vars(args) | {"frozen_parameters": frozen})
     runner = torch.compile(objective) if args.compile else objective
     if world > 1:
         runner = DDP(runner, device_ids=[device.index] if device.type == "cuda" else None)
@@ -574,7 +774,7 @@ def fit(args, model, train_set, eval_set=None, tokenizer=None) -> dict:
         if step % args.save_every == 0 or last_step or step in args.keep_at:
             rngs = gather_rng_states(world)  # every rank's own, so a resume restores each rank's stream
             if master:
-                checkpoint = checkpoint_dict(model, args, step, optimizer, scheduler, scaler, rngs)
+                checkpoint = checkpoint_dict(model, args, step, optimizer, scheduler, scaler, rngs) | labels(train_set)
                 save_checkpoint(ckpt_path, checkpoint)
                 if step in args.keep_at:
                     save_checkpoint(snapshot_path(args.out, step), checkpoint)
@@ -767,6 +967,8 @@ def check_args(args):
         raise ValueError("--keep-at names steps: give --steps, not --epochs")
     if any(not 0 < k <= args.steps for k in args.keep_at):
         raise ValueError(f"--keep-at {args.keep_at}: every step must lie in 1..--steps ({args.steps})")
+    if args.predictions and args.task != "vqa":
+        raise ValueError(f"--predictions writes VQA answers (the submission format), not --task {args.task}")
     if args.resume and args.init:
         raise ValueError("--resume continues OUT/ckpt.pt; --init starts a new run: give one of them")
     if args.init and not os.path.isfile(args.init):
@@ -791,6 +993,11 @@ def checkpoint_dict(model, args, step, optimizer, scheduler, scaler, rngs):
             "variant": model.cfg.variant, "task": model.cfg.task, "step": step,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng": rngs, "args": vars(args)}
+
+
+def labels(dataset) -> dict:
+    """What the head's outputs mean, kept in the checkpoint: VQA's answer vocabulary, the classes' names."""
+    return {key: list(getattr(dataset, key)) for key in ("answers", "classes") if hasattr(dataset, key)}
 
 
 def print_table(metrics: dict, title: str):
@@ -829,7 +1036,8 @@ def finish(model, args, eval_set, collate_eval, autocast, master, step, started)
     """Evaluate on rank 0, print a Markdown table, write metrics.json (atomically)."""
     metrics = {}
     if master and eval_set is not None:
-        metrics = evaluate(model, args.task, eval_set, collate_eval, args.eval_batch_size, autocast)
+        metrics = evaluate(model, args.task, eval_set, collate_eval, args.eval_batch_size, autocast,
+                           predictions=args.predictions)
         metrics["step"] = step
         metrics["seconds"] = time.time() - started  # wall time of this run, evaluation included
         write_json(os.path.join(args.out, "metrics.json"), metrics)

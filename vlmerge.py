@@ -1,9 +1,11 @@
-"""vlmerge: the paper's recipe end to end, and the tools around it (Sung et al. 2023, Fig. 1).
+"""vlmerge: the paper's recipe end to end, merging over time, and the tools around them (Sung et al. 2023,
+Fig. 1; Dziadzio et al. 2025).
 
     python vlmerge.py recipe --preset tiny            # pre-train, merge, fine-tune, evaluate, REPORT.md
+    python vlmerge.py temporal --preset tiny --grid   # init × deploy × technique over a task stream, TEMPORAL.md
     python vlmerge.py merge CKPT --method interpolation --alpha 0.75 -o merged.pt
     python vlmerge.py distance CKPT [CKPT2] [--init-state W0]  # L2, cosine, SSD, TSSD (Sec. 7), per layer
-    python vlmerge.py eval CKPT --task vqa
+    python vlmerge.py eval CKPT --task vqa            # + --eval-data / --eval-annotations: real files
     python vlmerge.py bench --quick                   # speed and memory vs references
 
 The recipe (`recipe`), stage by stage -- each stage is an ordinary train.py run or a merge, its
@@ -25,6 +27,15 @@ output under OUT/<stage>/, reused when its metrics.json exists (so an interrupte
                weights and on the modality vectors τ_m = W_m − W⁰, the merge drop, and the Pearson
                correlation of each metric with the drop over every (seed, K_seed) point (Fisher-z interval,
                range leaving one point out).
+
+Merging over time (`temporal`): a base maa θ_0, then T tasks; per task, TIME's init phase picks the weights
+the expert starts from, train.fit trains it, it is stored, the deploy phase picks the shipped weights, and
+those are scored on every task and on a retention set. `--grid` runs every cell of the paper's grid and the
+findings T1–T6; see run_temporal.
+
+How this file reads: presets and the paper's numbers; merging a checkpoint file; the recipe (the Recipe
+class, then its report); merging over time (run_temporal, then its stages, metrics and report); bench; the
+other commands and the command line.
 """
 import argparse
 import contextlib
@@ -32,11 +43,14 @@ import dataclasses
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import torch
+from tqdm import tqdm
 
 import data
 import merge
@@ -64,7 +78,8 @@ class Preset:
     alphas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     lams: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
     gammas: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)
-    gram_batches: int = 8
+    gram_samples: int = 512        # RegMean: pre-training samples whose linear-layer inputs make the Grams
+    # task -> fine-tuning steps (at batch_size, finetune_lr), or None: train.py --paper's Table 6 schedule
     finetune: dict = dataclasses.field(default_factory=lambda: {"vqa": 1000, "retrieval": 1000})
     finetune_lr: float = 1e-4
     finetune_seeds: int = 1        # >1: the spread of one number over fine-tuning seeds
@@ -77,7 +92,7 @@ class Preset:
 PRESETS = {
     # every stage, a few steps each: the test suite runs this (101 s on 2 CPU cores)
     "smoke": Preset(depth=2, fusion_layers=1, image_size=32, patch_size=8, max_len=32, batch_size=16, lr=1e-3,
-                    precision="fp32", init_steps=4, pretrain_steps=6, seed_fracs=(0.5,), gram_batches=2,
+                    precision="fp32", init_steps=4, pretrain_steps=6, seed_fracs=(0.5,), gram_samples=32,
                     alphas=(0.0, 0.5, 1.0), lams=(0.5, 1.0), gammas=(0.5, 1.0),
                     finetune={"vqa": 3, "retrieval": 3, "nlvr2": 2, "cls": 2, "seg": 2}, finetune_lr=1e-3,
                     finetune_seeds=2, finetune_sweeps=True),
@@ -88,12 +103,12 @@ PRESETS = {
     # scale (README, "Departures"); the smoke preset still runs stage 0
     "tiny": Preset(depth=4, fusion_layers=2, image_size=32, patch_size=8, max_len=32, batch_size=64, lr=5e-4,
                    precision="bf16", init_steps=0, pretrain_steps=300, seed_fracs=(0.25, 0.5, 0.75, 0.875),
-                   gram_batches=8, finetune={"vqa": 150, "retrieval": 100}, finetune_lr=5e-4,
+                   gram_samples=512, finetune={"vqa": 150, "retrieval": 100}, finetune_lr=5e-4,
                    finetune_seeds=3, finetune_sweeps=False, ablation=False),
     # Sec. 5 / Table 6: ViT-B/16 at 224 px, batch 1024, 200k steps; real data; GPUs via torchrun
-    "paper": Preset(arch="vit_base", init_steps=None, gram_batches=64,
-                    finetune={"vqa": 20_000, "retrieval": 20_000, "nlvr2": 10_000, "cls": 50_000, "seg": 40_000},
-                    finetune_lr=3e-5, finetune_seeds=1, ablation=True),
+    "paper": Preset(arch="vit_base", init_steps=None, gram_samples=65_536,
+                    finetune=dict.fromkeys(("vqa", "retrieval", "nlvr2", "cls", "seg")),  # Table 6, per task
+                    finetune_seeds=1, ablation=True),
 }
 
 # The paper's numbers, beside which ours are reported (Tables 1, 2, 3, 5).
@@ -113,6 +128,7 @@ PAPER = {
                "cosine": [0.371, 0.264, 0.163, 0.098, 0.938], "ssd": [0.198, 0.161, 0.125, 0.104, 0.939],
                "tssd": [0.066, 0.037, 0.015, 0.006, 0.971], "drop": [9.16, 4.50, 2.80, 2.60]},
 }
+GRAM_BATCH = 64  # samples per forward while collecting Grams (memory only: the Grams are sums over samples)
 METRICS = {"l2": merge.l2_distance, "cosine": merge.cosine_dissimilarity, "ssd": merge.ssd, "tssd": merge.tssd}
 # the Table 2 sweeps: method -> (its option, the preset field of its values, its symbol)
 SWEEPS = {"interpolation": ("alpha", "alphas", "α"), "modality_arithmetic": ("lam", "lams", "λ"),
@@ -226,36 +242,71 @@ def modality_forward(model, batch):
     model.routes(batch["images"], batch["input_ids"], batch["attention_mask"])
 
 
-def gram_batches(checkpoint, n_batches, batch_size, world_seed=0):
-    """n pre-training batches of the synthetic world (no augmentation, no masking needed)."""
+# train.py's flags that name the pre-training data; a checkpoint written by train.py keeps their values
+DATA_FLAGS = ("data", "image_root", "vocab", "world_seed")
+
+
+def data_flags(values: dict) -> list:
+    """train.py's data flags from a dict of their values (a checkpoint's saved args, or a command's)."""
+    return [x for key in DATA_FLAGS if values.get(key) is not None
+            for x in (f"--{key.replace('_', '-')}", str(values[key]))]
+
+
+def gram_batches(checkpoint, samples, batch_size, flags=None):
+    """RegMean's inputs: `samples` pre-training samples (a fixed shuffle, no augmentation) of the data that
+    `flags` name (train.py's --data / --image-root / --vocab; default: the checkpoint's own, from its
+    saved args; none at all: the synthetic world), tokenized by that data's tokenizer at the checkpoint's
+    shapes. Returns a list of collated batches (on the CPU)."""
+    if "config" not in checkpoint:
+        raise ValueError("--method regmean needs a vlmerge checkpoint (with 'config') to collect Gram matrices")
     cfg = checkpoint["config"]
-    world = data.SyntheticWorld(seed=world_seed, image_size=cfg["image_size"])
-    collate = data.Collator(world.tokenizer(), max_len=cfg["max_text_len"], image_size=cfg["image_size"])
-    loader = torch.utils.data.DataLoader(world.dataset("pretrain", "train"), batch_size, shuffle=False,
-                                         collate_fn=collate)
-    return [batch for _, batch in zip(range(n_batches), loader)]
+    flags = list(flags) if flags else data_flags(checkpoint.get("args") or {})  # the checkpoint's own data
+    args = train.parse_args(flags + ["--image-size", str(cfg["image_size"]), "--max-len", str(cfg["max_text_len"])])
+    dataset, _, tokenizer, _ = train.make_data(args, "pretrain", evaluation=False)
+    if len(tokenizer) != cfg["vocab_size"]:  # another tokenizer's ids would index the wrong words
+        source = f"--vocab {args.vocab}" if args.vocab else "the synthetic world's tokenizer"
+        raise ValueError(f"RegMean's data: {source} has {len(tokenizer)} tokens, the checkpoint's word embedding "
+                         f"{cfg['vocab_size']}: give the --data / --vocab it was pre-trained with")
+    collate = data.Collator(tokenizer, max_len=cfg["max_text_len"], image_size=cfg["image_size"])
+    subset = torch.utils.data.Subset(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
+                                     [:samples].tolist())
+    return list(torch.utils.data.DataLoader(subset, batch_size, shuffle=False, collate_fn=collate))
 
 
-def merge_checkpoint(checkpoint, method, init=None, batches=None, **options) -> dict:
+def checkpoint_grams(checkpoint, batches, device="cpu") -> dict:
+    """RegMean's Gram matrices of a vlmerge checkpoint's linear layers on `batches`, collected on `device`
+    (returned on the CPU, where the merge runs)."""
+    model = train.model_from_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["model"], strict=True)
+    model.to(device)
+    on_device = (train.to_device(batch, device) for batch in batches)
+    grams = merge.collect_grams(model, on_device, forward=modality_forward)
+    return {k: g.cpu() for k, g in grams.items()}
+
+
+def merge_checkpoint(checkpoint, method, init=None, grams=None, **options) -> dict:
     """A maa checkpoint merged from an msa-family one. `init` (a checkpoint) gives W_0 for the
-    methods that subtract it; `batches` feed RegMean's Gram matrices."""
+    methods that subtract it; `grams` (checkpoint_grams) are RegMean's."""
     state = checkpoint["model"]
     if method in ("modality_arithmetic", "ties", "dare"):
         if init is None:
             raise ValueError(f"--method {method} needs --init-state (the seed / initial maa checkpoint: W_0)")
         options["init_state"] = init["model"]
     if method == "regmean":
-        if "config" not in checkpoint:
-            raise ValueError("--method regmean needs a vlmerge checkpoint (with 'config') to collect Gram matrices")
-        model = train.model_from_checkpoint(checkpoint)
-        model.load_state_dict(state, strict=True)
-        options["grams"] = merge.collect_grams(model, batches, forward=modality_forward)
+        if grams is None:
+            raise ValueError("--method regmean needs Gram matrices (checkpoint_grams)")
+        options["grams"] = grams
     merged = merge.merge_modalities(state, method, **options)
     out = {k: v for k, v in checkpoint.items() if k in ("arch", "task", "step")}
     if "config" in checkpoint:
         out["config"] = {**checkpoint["config"], "variant": "maa"}
     shown = {k: v for k, v in options.items() if isinstance(v, (int, float))}
     return out | {"model": merged, "variant": "maa", "merge": {"method": method, **shown}}
+
+
+def default_device():
+    """The device a run trains on: this process's GPU, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,13 +319,17 @@ class Recipe:
         self.p, self.out, self.init, self.dry_run, self.seeds = preset, out, init, dry_run, seeds
         self.plan = []  # the train.py command lines, for --dry-run and the report
         self.models = {}  # name -> {"ckpt": path, "variant": str, "zero_shot": {...}, task: {...}}
+        self.gram_cache = {}  # model name -> RegMean's Gram matrices
         os.makedirs(out, exist_ok=True)
 
     # -- running one stage ------------------------------------------------------------------------
-    def flags(self, task="pretrain"):
+    def flags(self, task="pretrain", image_size=True):
+        """The shape and data flags of a stage; image_size=False leaves the size to train.py's profile
+        (Table 6 fine-tunes at 384 / 480 px: the position embedding is resized on loading)."""
         p = self.p
-        return ["--arch", p.arch, "--depth", str(p.depth), "--fusion-layers", str(p.fusion_layers),
-                "--image-size", str(p.image_size), "--patch-size", str(p.patch_size), "--max-len", str(p.max_len),
+        size = ["--image-size", str(p.image_size)] if image_size else []
+        return ["--arch", p.arch, "--depth", str(p.depth), "--fusion-layers", str(p.fusion_layers), *size,
+                "--patch-size", str(p.patch_size), "--max-len", str(p.max_len),
                 "--precision", p.precision, "--eval-split", p.eval_split, "--quiet", *p.data.get(task, [])]
 
     def stage(self, name, argv) -> dict:
@@ -384,8 +439,8 @@ class Recipe:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             checkpoint = train.load_checkpoint(self.ckpt(source))
             init = train.load_checkpoint(self.models[init_name]["ckpt"]) if init_name else None
-            batches = gram_batches(checkpoint, self.p.gram_batches, self.p.batch_size) if method == "regmean" else None
-            train.save_checkpoint(path, merge_checkpoint(checkpoint, method, init, batches, **{option: value}))
+            grams = self.grams(source, checkpoint) if method == "regmean" else None
+            train.save_checkpoint(path, merge_checkpoint(checkpoint, method, init, grams, **{option: value}))
         self.models[name] = {"ckpt": path, "variant": "maa"}
         # scored on test (the tables) and on val (model selection: select_on_val)
         for key, split in (("zero_shot", self.p.eval_split), ("zero_shot_val", "val")):
@@ -393,16 +448,26 @@ class Recipe:
                 "--variant", "maa", "--eval-only", "--init", path, "--eval-split", split])
         return name
 
+    def grams(self, source, checkpoint):
+        """RegMean's Gram matrices of `source`, collected once (they do not depend on γ) on the run's device
+        from the pre-training data of the preset (its data config), with that data's tokenizer."""
+        if source not in self.gram_cache:
+            batches = gram_batches(checkpoint, self.p.gram_samples, GRAM_BATCH, self.p.data.get("pretrain"))
+            self.gram_cache[source] = checkpoint_grams(checkpoint, batches, default_device())
+        return self.gram_cache[source]
+
     # -- stage 4: fine-tuning ---------------------------------------------------------------------
     def finetune(self, name, task, seed=0):
         model = self.models[name]
         steps = self.p.finetune[task]
         suffix = f"_s{seed}" if seed else ""
-        metrics = self.stage(f"finetune/{task}/{name}{suffix}",
-                             self.flags(task) + ["--task", task, "--variant", model["variant"], "--init", model["ckpt"],
-                                                 "--steps", str(steps), "--batch-size", self.batch(),
-                                                 "--lr", str(self.p.finetune_lr), "--warmup", str(steps // 10),
-                                                 "--seed", str(seed)])
+        common = ["--task", task, "--variant", model["variant"], "--init", model["ckpt"], "--seed", str(seed)]
+        if steps is None:  # train.py --paper: Table 6's image size, lr, global batch and epochs for this task
+            argv = self.flags(task, image_size=False) + common + ["--paper"]
+        else:
+            argv = self.flags(task) + common + ["--steps", str(steps), "--batch-size", self.batch(),
+                                                "--lr", str(self.p.finetune_lr), "--warmup", str(steps // 10)]
+        metrics = self.stage(f"finetune/{task}/{name}{suffix}", argv)
         model.setdefault("finetune", {}).setdefault(task, []).append(metrics)
         return metrics
 
@@ -476,7 +541,7 @@ class Recipe:
 
 def build_only(argv):
     """--dry-run: check a stage's flags and build its model (on the meta device: no memory)."""
-    args = train.build_parser().parse_args(argv)
+    args = train.resolve_defaults(train.build_parser().parse_args(argv))  # not parse_args: no file is read
     with torch.device("meta"):
         train.model_from_args(args, vocab_size=30522)
 
@@ -735,13 +800,29 @@ def plot_sweeps(r, path):
     return True
 
 
+def read_data_config(path, preset) -> dict:
+    """--data-config: {task: [train.py data flags]} for pre-training and every task the preset fine-tunes
+    (and "cls" when it has a stage 0). Each entry must name evaluation data, so that no stage is left
+    without a score; a missing or score-less entry is one error naming the task."""
+    config = data._read_json(path)  # a malformed file: one error naming its line
+    tasks = ["pretrain", *preset.finetune] + (["cls"] if preset.init_steps else [])
+    for task in dict.fromkeys(tasks):
+        flags = config.get(task) if isinstance(config, dict) else None
+        if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+            raise ValueError(f"--data-config {path}: {task!r} needs a list of train.py flags (the preset runs "
+                             f"{', '.join(dict.fromkeys(tasks))})")
+        if not train.names_evaluation(train.parse_args(["--task", task, *flags])):
+            raise ValueError(f"--data-config {path}: {task!r} names no evaluation data (--eval-data"
+                             f"{', --eval-annotations' if task == 'vqa' else ''}): its stages would have no score")
+    return config
+
+
 def run_recipe(args) -> dict:
     preset = PRESETS[args.preset]
     if args.ablation:
         preset = dataclasses.replace(preset, ablation=True)
     if args.data_config:
-        with open(args.data_config) as f:
-            preset = dataclasses.replace(preset, data=json.load(f))
+        preset = dataclasses.replace(preset, data=read_data_config(args.data_config, preset))
     out = args.out or os.path.join("runs", f"recipe_{args.preset}")
     if args.seeds < 1:
         raise ValueError(f"--seeds {args.seeds}: give at least 1")
@@ -770,7 +851,490 @@ def run_recipe(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# bench: every figure is a ratio against a reference timed in the same process (median of repeats).
+# Merging over time (Dziadzio et al. 2025): the `temporal` command.
+#
+# Stages of run_temporal: the stream (data.TaskStream, or --stream files); the base θ_0 (--base, or a
+# maa pre-trained on the base world, cached under OUT/base); the base scored on every task and on the
+# retention set (t = 0); per seed, each *chain* of experts trained task by task with train.fit from the
+# weights its init hands over, every cell sharing the chain storing the same expert and deploying its own
+# weights, scored after every step; the oracle; mean ± std over seeds, findings, TEMPORAL.md.
+
+@dataclasses.dataclass
+class TemporalPreset:
+    depth: int = 2
+    image_size: int = 32
+    patch_size: int = 8
+    max_len: int = 24
+    batch_size: int = 32
+    precision: str = "fp32"
+    base_steps: int = 300          # pre-training of θ_0 on the base world (cached under OUT/base)
+    base_lr: float = 1e-3
+    task_steps: int = 4            # optimizer steps per task (FoMo-in-Flux: 1 420 at batch 512)
+    lr: float = 5e-4               # peak lr, fresh warm-up + cosine per task (FoMo-in-Flux: 1e-5 for CLIP)
+    num_tasks: int = 5
+    order: str = "random"
+    test_per_concept: int = 4      # test scenes per class: 25 × this for the stream, 10 × this for retention
+    recency: str = "linear"        # the schedule T3 compares with uniform
+    short_budget: float = 0.5      # T6: ema/ema and the oracle again at this fraction of task_steps
+    # options of each technique (one set for the EMA fold and the one-shot merge; λ = 0.5 makes task
+    # arithmetic's EMA the interpolation EMA exactly, ties / dare / magmax use their usual values)
+    techniques: dict = dataclasses.field(default_factory=lambda: {
+        "interpolation": {}, "task_arithmetic": {"lam": 0.5}, "ties": {"density": 0.2, "lam": 1.0},
+        "dare": {"p": 0.5, "lam": 0.5}, "magmax": {"lam": 1.0}})
+
+
+TEMPORAL_PRESETS = {
+    # the whole grid in a few steps per task: the test suite runs it
+    "smoke": TemporalPreset(),
+    # the README's grid with --seeds 3 (measured there)
+    "tiny": TemporalPreset(base_steps=1500, task_steps=30, lr=1e-3, test_per_concept=8),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One row of the grid: what starts each expert, what is deployed, with which technique and data."""
+    kind: str = "time"             # time (TemporalMerge) | paint | base (θ_0 alone) | oracle (multitask)
+    init: str = "ema"
+    deploy: str = "ema"
+    technique: str = "interpolation"
+    ema_weight: float = 0.5
+    schedule: str = "uniform"
+    replay: bool = True
+    budget: float = 1.0            # × task_steps
+
+    @property
+    def name(self):
+        """`init/deploy`, then only what differs from the defaults (e.g. `zs/all ties`, `zs/all no-replay`)."""
+        head = f"{self.init}/{self.deploy}" if self.kind == "time" else self.kind
+        extra = [self.technique if self.technique != "interpolation" else "",
+                 f"w={self.ema_weight}" if self.ema_weight != 0.5 else "",
+                 self.schedule if self.schedule != "uniform" else "", "" if self.replay else "no-replay",
+                 f"steps×{self.budget}" if self.budget != 1 else ""]
+        return " ".join([head, *filter(None, extra)])
+
+
+def grid_cells(p: TemporalPreset) -> list:
+    """--grid: the init × deploy grid (interpolation), every technique at ema/ema and at zs/all, the
+    baselines, offline merging without replay and with a recency schedule, and T6's shorter budget."""
+    techniques = [t for t in merge.TECHNIQUES if t != "interpolation"]
+    return ([Cell(init=i, deploy=d) for i in merge.INITS for d in merge.DEPLOYS]
+            + [Cell(technique=t) for t in techniques]
+            + [Cell(init="zs", deploy="all", technique=t) for t in techniques]
+            + [Cell(kind="base"), Cell(kind="paint"), Cell(kind="oracle")]
+            + [Cell(init="zs", deploy="all", replay=False), Cell(init="zs", deploy="all", schedule=p.recency)]
+            + [Cell(budget=p.short_budget), Cell(kind="oracle", budget=p.short_budget)])
+
+
+@dataclasses.dataclass
+class Stream:
+    """What the loop consumes, synthetic or from files: per-task train / test data, retention, replay data."""
+    train: list
+    test: list
+    retention: object
+    base: object                   # pre-training data mixed in by replay (None: none given)
+    names: list
+    metric: str                    # "accuracy" (zero-shot classification) or "recall@5" (retrieval)
+    tokenizer: object
+
+
+def run_temporal(args) -> dict:
+    """Merging over time end to end (the stages are listed above this section)."""
+    preset = TEMPORAL_PRESETS[args.preset]
+    out = args.out or os.path.join("runs", f"temporal_{args.preset}")
+    os.makedirs(out, exist_ok=True)
+    start = time.time()
+    cells = grid_cells(preset) if args.grid else [Cell(kind="base"), cell_from_flags(args)]
+    stream = load_stream(args, preset)                              # 1. tasks, tests, retention
+    base = base_weights(args, preset, stream, out)                  # 2. θ_0
+    run = TemporalRun(preset, stream, base, out)
+    run.t0 = run.score(base["model"])                               # 3. t = 0: the base on everything
+    trajectories = {cell.name: [] for cell in cells}
+    for seed in range(args.seeds):                                  # 4. chains of experts, every cell
+        for name, rows in run.run_seed(cells, seed).items():
+            trajectories[name].append(rows)
+    results = summarize(preset, stream, cells, trajectories, args)  # 5. mean ± std, findings, layout
+    results["seconds"] = time.time() - start
+    write_temporal(results, out)                                    # 6. temporal.json, TEMPORAL.md, plot
+    return results
+
+
+def cell_from_flags(args) -> Cell:
+    return Cell(init=args.init, deploy=args.deploy, technique=args.technique, ema_weight=args.ema_weight,
+                schedule=args.schedule, replay=not args.no_replay)
+
+
+def load_stream(args, p: TemporalPreset) -> Stream:
+    """The synthetic stream of the preset, or --stream / --stream-test / --retention files (retrieval)."""
+    if not args.stream:
+        ts = data.TaskStream(seed=0, image_size=p.image_size, num_tasks=p.num_tasks, order=args.order or p.order,
+                             test_per_concept=p.test_per_concept)
+        return Stream([ts.task(t, "train") for t in range(ts.num_tasks)],
+                      [ts.task(t, "test") for t in range(ts.num_tasks)],
+                      ts.retention(), ts.base_data(), ts.task_names(), "accuracy", ts.world.tokenizer())
+    if len(args.stream_test or []) != len(args.stream) or not args.retention or not args.vocab or not args.base:
+        raise ValueError("--stream T1.jsonl ... needs --stream-test with one test file per task, --retention, "
+                         "--vocab (a BERT vocab.txt) and --base (a maa checkpoint)")
+    root = lambda path: args.image_root or os.path.dirname(path)  # noqa: E731
+    base = data.load_image_text_jsonl(args.base_data, root(args.base_data)) if args.base_data else None
+    return Stream([data.load_image_text_jsonl(f, root(f)) for f in args.stream],
+                  [data.retrieval_jsonl(f, root(f)) for f in args.stream_test],
+                  data.retrieval_jsonl(args.retention, root(args.retention)), base,
+                  [os.path.basename(f) for f in args.stream], "recall@5", data.Tokenizer.from_vocab_file(args.vocab))
+
+
+def base_weights(args, p: TemporalPreset, stream: Stream, out: str) -> dict:
+    """θ_0 as {"model": state dict, "config": ...}: --base (any maa checkpoint), else the preset's maa
+    pre-trained on the base world with ITC, cached as OUT/base/ckpt.pt. Every model of the loop is a maa
+    model of task `retrieval` (ITC only, as CLIP): the heads a pre-training checkpoint has beyond ITC are
+    dropped."""
+    path = args.base or os.path.join(out, "base", "ckpt.pt")
+    if args.base or os.path.exists(path):
+        checkpoint = train.load_checkpoint(path)
+        if checkpoint.get("variant") != "maa" or "config" not in checkpoint:
+            raise ValueError(f"--base {path}: not a maa checkpoint (variant {checkpoint.get('variant')!r}); "
+                             f"merging over time needs one set of weights: merge it first with `vlmerge.py merge`")
+        if checkpoint["config"]["vocab_size"] != len(stream.tokenizer):
+            raise ValueError(f"--base {path} embeds {checkpoint['config']['vocab_size']} tokens, but the stream's "
+                             f"tokenizer has {len(stream.tokenizer)} (give the --vocab it was trained with)")
+        model = train.model_from_checkpoint(checkpoint, task="retrieval", variant="maa")
+        train.transfer_weights(model, checkpoint["model"], "maa")
+        return {"model": model.state_dict(), "config": dataclasses.asdict(model.cfg)}
+    torch.manual_seed(0)
+    model = model_for(p, stream)
+    train.fit(fit_args(p, dataclasses.asdict(model.cfg), p.base_steps, p.base_lr, 0, os.path.dirname(path)),
+              model, stream.base, tokenizer=stream.tokenizer)
+    return {"model": model.state_dict(), "config": dataclasses.asdict(model.cfg)}
+
+
+def model_for(p: TemporalPreset, stream: Stream):
+    return build_model("vit_tiny", "maa", "retrieval", vocab_size=len(stream.tokenizer), image_size=p.image_size,
+                       patch_size=p.patch_size, depth=p.depth, fusion_layers=1, max_text_len=p.max_len)
+
+
+def fit_args(p: TemporalPreset, config: dict, steps: int, lr: float, seed: int, out: str):
+    """train.py's flags for one run of the loop; the shapes come from the model's config."""
+    return train.parse_args([
+        "--task", "retrieval", "--variant", "maa", "--depth", str(config["depth"]),
+        "--fusion-layers", str(config["fusion_layers"]), "--image-size", str(config["image_size"]),
+        "--patch-size", str(config["patch_size"]), "--max-len", str(config["max_text_len"]),
+        "--steps", str(steps), "--batch-size", str(p.batch_size), "--lr", str(lr), "--warmup", str(steps // 10),
+        "--precision", p.precision, "--seed", str(seed), "--randaugment", "off", "--save-every", str(steps),
+        "--quiet", "--out", out])
+
+
+class Paint:
+    """PAINT (Ilharco et al. 2022) as a TIME baseline: the newest expert interpolated with θ_0, both to
+    start the next expert and to deploy. A one-expert EMA from θ_0 is exactly that: w θ^s_t + (1 − w) θ_0."""
+
+    def __init__(self, base, ema_weight=0.5):
+        self.base, self.ema_weight = base, ema_weight
+        self.tm = merge.TemporalMerge(base, "ema", "ema", ema_weight=ema_weight)
+
+    def store(self, expert):
+        self.tm = merge.TemporalMerge(self.base, "ema", "ema", ema_weight=self.ema_weight)
+        self.tm.store(expert)
+
+    def init_weights(self):
+        return self.tm.init_weights()
+
+    deploy_weights = init_weights
+
+
+# What starts each expert of a chain and what each cell deploys, by the cell's kind.
+_DRIVERS = {
+    "time": lambda cell, base, options: merge.TemporalMerge(
+        base, cell.init, cell.deploy, cell.technique, ema_weight=cell.ema_weight, schedule=cell.schedule,
+        **options),
+    "paint": lambda cell, base, options: Paint(base, cell.ema_weight),
+}
+
+
+def chain_key(cell: Cell):
+    """Cells whose experts start from the same weights share one chain of experts (trained once): the init
+    choice and whatever shapes its weights (the technique for all / ema, the schedule for all, w for ema).
+    None: nothing to train (the base) or one run of its own (the oracle)."""
+    if cell.kind in ("base", "oracle"):
+        return None
+    if cell.kind == "paint":
+        return ("paint", cell.ema_weight, cell.replay, cell.budget)
+    shaping = {"zs": (), "ft": (), "all": (cell.technique, cell.schedule), "ema": (cell.technique, cell.ema_weight)}
+    return (cell.init, *shaping[cell.init], cell.replay, cell.budget)
+
+
+class TemporalRun:
+    """The loop's fixed parts (preset, stream, θ_0, one model used for scoring) and its three kinds of run."""
+
+    def __init__(self, preset, stream, base, out):
+        self.p, self.stream, self.base, self.out = preset, stream, base["model"], out
+        self.config = base["config"]
+        self.model = train.model_from_checkpoint(base)
+        collate = data.Collator(stream.tokenizer, max_len=self.config["max_text_len"],
+                                image_size=self.config["image_size"])
+        self.measure = _SCORERS[stream.metric](stream, collate)
+        self.t0 = None
+
+    def run_seed(self, cells, seed) -> dict:
+        """cell name -> its T + 1 scores ({"tasks": [...], "retention": x}; t = 0 first) for one seed."""
+        rows = {}
+        chains = {}
+        for cell in cells:
+            chains.setdefault(chain_key(cell), []).append(cell)
+        for key, members in chains.items():
+            if key is not None:
+                rows |= self.chain(members, seed)
+        for cell in chains.get(None, []):
+            rows[cell.name] = self.oracle(cell, seed) if cell.kind == "oracle" else [self.t0] * (len(self.stream.train) + 1)
+        return rows
+
+    def chain(self, cells, seed) -> dict:
+        """Init → train → store → deploy → evaluate, task by task; the first cell's init starts each expert."""
+        drivers = [_DRIVERS[c.kind](c, self.base, self.options(c, seed)) for c in cells]
+        rows = {c.name: [self.t0] for c in cells}
+        label = run_label(cells[0])
+        for t in tqdm(range(len(self.stream.train)), desc=f"seed {seed} {cells[0].name}", leave=False):
+            expert = self.train(drivers[0].init_weights(), self.task_data(t, cells[0].replay),
+                                round(cells[0].budget * self.p.task_steps), seed,
+                                os.path.join(self.out, f"seed{seed}", label, f"task{t + 1}"))
+            for cell, driver in zip(cells, drivers):
+                driver.store(expert)
+                rows[cell.name].append(self.score(driver.deploy_weights()))
+        return rows
+
+    def oracle(self, cell, seed) -> list:
+        """The multitask bound: one run from θ_0 on the union of every task, T × the per-task budget.
+        Scored at the end only (t = T); the steps in between have no oracle."""
+        union = torch.utils.data.ConcatDataset(self.stream.train)
+        # FoMo-in-Flux: 1/3 pre-training data, 2/3 task data
+        mixture = data.Mixture([self.stream.base, union, union]) if cell.replay else union
+        steps = round(cell.budget * self.p.task_steps) * len(self.stream.train)
+        weights = self.train(self.base, mixture, steps, seed, os.path.join(self.out, f"seed{seed}", run_label(cell)))
+        return [self.t0] + [None] * (len(self.stream.train) - 1) + [self.score(weights)]
+
+    def task_data(self, t, replay):
+        """Task t's training data: alone, or the replay mixture (base data, task t, tasks before t; ⅓ each)."""
+        s = self.stream
+        return data.replay_mixture(s.base, s.train[t], s.train[:t]) if replay else s.train[t]
+
+    def options(self, cell, seed):
+        options = dict(self.p.techniques[cell.technique])
+        return options | {"seed": seed} if cell.technique == "dare" else options
+
+    def train(self, start, dataset, steps, seed, out) -> dict:
+        """One expert: θ^i loaded into a fresh model, trained by train.fit (fresh AdamW, warm-up + cosine)."""
+        model = train.model_from_checkpoint({"config": self.config})
+        model.load_state_dict(start, strict=True)
+        train.fit(fit_args(self.p, self.config, steps, self.p.lr, seed, out), model, dataset,
+                  tokenizer=self.stream.tokenizer)
+        # the expert lives on in the merges; its checkpoint file would only fill the disk
+        os.remove(os.path.join(out, "ckpt.pt"))
+        return model.state_dict()
+
+    def score(self, weights) -> dict:
+        """The deployed weights on every task's test set and on the retention set."""
+        self.model.load_state_dict(weights, strict=True)
+        return self.measure(self.model)
+
+
+def run_label(cell) -> str:
+    """A directory name for people (the record of what ran is args.json beside it): `ema/ema steps×0.5`
+    -> `ema-ema_steps_0.5`."""
+    return re.sub(r"[^\w.-]+", "_", cell.name.replace("/", "-"))
+
+
+def zero_shot_scorer(stream, collate):
+    """Every test set scored by zero-shot classification; images rendered and normalized once for the run."""
+    tests = [train.zero_shot_inputs(d, collate) for d in stream.test]
+    retention = train.zero_shot_inputs(stream.retention, collate)
+    return lambda model: {"tasks": [train.zero_shot_accuracy(model, *t) for t in tests],
+                          "retention": train.zero_shot_accuracy(model, *retention)}
+
+
+def retrieval_scorer(stream, collate):
+    """Every test set scored by retrieval recall@5 (FoMo-in-Flux's retrieval score), mean of TR and IR."""
+    def recall(model, dataset):
+        r = train.evaluate(model, "retrieval", dataset, collate, batch_size=128)
+        return (r["tr_r5"] + r["ir_r5"]) / 2
+    return lambda model: {"tasks": [recall(model, d) for d in stream.test], "retention": recall(model, stream.retention)}
+
+
+_SCORERS = {"accuracy": zero_shot_scorer, "recall@5": retrieval_scorer}
+
+
+# -- the numbers: FoMo-in-Flux's metrics per step, mean ± std over seeds ---------------------------
+
+def step_metrics(rows) -> dict:
+    """One seed's trajectory: the (T+1) × T accuracy matrix, A_KA(t) (all tasks; seen-only too), A_ZS(t),
+    GM(t) = √(A_KA·A_ZS). Steps without a score (the oracle before t = T) hold None."""
+    out = {"matrix": [], "a_ka": [], "a_ka_seen": [], "a_zs": [], "gm": []}
+    for t, row in enumerate(rows):
+        if row is None:
+            for values in out.values():
+                values.append(None)
+            continue
+        a_ka, a_zs = statistics.fmean(row["tasks"]), row["retention"]
+        out["matrix"].append(row["tasks"])
+        out["a_ka"].append(a_ka)
+        out["a_ka_seen"].append(statistics.fmean(row["tasks"][:t]) if t else None)
+        out["a_zs"].append(a_zs)
+        out["gm"].append(math.sqrt(a_ka * a_zs))
+    return out
+
+
+def seed_stats(runs: list, reduce) -> dict:
+    """reduce over seeds, element by element through the nested lists (None where any seed has None)."""
+    def walk(values):
+        if isinstance(values[0], list):
+            return [walk(list(v)) for v in zip(*values)]
+        return None if any(v is None for v in values) else reduce(values)
+    return {key: walk([run[key] for run in runs]) for key in runs[0]}
+
+
+def summarize(p, stream, cells, trajectories, args) -> dict:
+    cells_out = {}
+    for cell in cells:
+        runs = [step_metrics(rows) for rows in trajectories[cell.name]]
+        std = (lambda v: statistics.stdev(v)) if len(runs) > 1 else (lambda v: 0.0)
+        cells_out[cell.name] = {"spec": dataclasses.asdict(cell), "runs": runs,
+                                "mean": seed_stats(runs, statistics.fmean), "std": seed_stats(runs, std)}
+    results = {"preset_name": args.preset, "preset": dataclasses.asdict(p), "seeds": args.seeds,
+               "stream": {"tasks": stream.names, "metric": stream.metric, "order": args.order or p.order,
+                          "num_tasks": len(stream.train)},
+               "cells": cells_out,
+               "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"}
+    results["findings"] = temporal_findings(results) if args.grid else []
+    results["layout"] = temporal_layout(results)
+    return results
+
+
+def final(results, name, metric="gm", stat="mean"):
+    return results["cells"][name][stat][metric][-1]
+
+
+def temporal_findings(r) -> list:
+    """T1–T6, each computed from the seed means of the final step (t = T), never written by hand."""
+    f = lambda name, metric="gm": final(r, name, metric)  # noqa: E731
+    cells = r["cells"]
+    recency = next(n for n in cells if n.startswith("zs/all ") and cells[n]["spec"]["schedule"] != "uniform")
+    grid = [f"{i}/{d}" for i in merge.INITS for d in merge.DEPLOYS]
+    techniques = ["ema/ema"] + [f"ema/ema {t}" for t in merge.TECHNIQUES if t != "interpolation"]
+    spread = lambda names: max(f(n) for n in names) - min(f(n) for n in names)  # noqa: E731
+    short = next(n for n in cells if n.startswith("ema/ema steps"))
+    short_oracle = next(n for n in cells if n.startswith("oracle steps"))
+    best = max(f(n) for n in cells if cells[n]["spec"]["kind"] != "oracle" and cells[n]["spec"]["budget"] == 1)
+    gap, gap_short = f("oracle") - f("ema/ema"), f(short_oracle) - f(short)
+    rows = [
+        ("T1", "Offline merging (zs/all) accumulates less than continual fine-tuning (ft/ft) by the end",
+         f"A_KA zs/all {fmt(f('zs/all', 'a_ka'), 1)} vs ft/ft {fmt(f('ft/ft', 'a_ka'), 1)}",
+         f("zs/all", "a_ka") < f("ft/ft", "a_ka")),
+        ("T2", "Replay helps offline merging",
+         f"GM zs/all {fmt(f('zs/all'), 1)} with replay vs {fmt(f('zs/all no-replay'), 1)} without",
+         f("zs/all") > f("zs/all no-replay")),
+        ("T3", "Recency weighting raises offline merging's A_KA",
+         f"A_KA {recency} {fmt(f(recency, 'a_ka'), 1)} vs uniform {fmt(f('zs/all', 'a_ka'), 1)}",
+         f(recency, "a_ka") > f("zs/all", "a_ka")),
+        ("T4", "Init × deploy matters more than the technique: spread of GM across init × deploy (interpolation) "
+               "exceeds the spread across techniques at ema/ema",
+         f"spread {fmt(spread(grid), 1)} vs {fmt(spread(techniques), 1)}", spread(grid) > spread(techniques)),
+        ("T5", "ema/ema has the best GM (within one std), more retention than ft/ft, more accumulation than zs/all",
+         f"GM {fmt(f('ema/ema'), 1)} ± {fmt(final(r, 'ema/ema', 'gm', 'std'), 1)} (best {fmt(best, 1)}); "
+         f"A_ZS {fmt(f('ema/ema', 'a_zs'), 1)} vs ft/ft {fmt(f('ft/ft', 'a_zs'), 1)}; "
+         f"A_KA {fmt(f('ema/ema', 'a_ka'), 1)} vs zs/all {fmt(f('zs/all', 'a_ka'), 1)}",
+         f("ema/ema") >= best - final(r, "ema/ema", "gm", "std") and f("ema/ema", "a_zs") > f("ft/ft", "a_zs")
+         and f("ema/ema", "a_ka") > f("zs/all", "a_ka")),
+        ("T6", "More steps per task narrow ema/ema's gap to the multitask oracle (GM)",
+         f"gap {fmt(gap, 1)} at {r['preset']['task_steps']} steps/task vs {fmt(gap_short, 1)} at "
+         f"{round(r['preset']['short_budget'] * r['preset']['task_steps'])}", gap < gap_short),
+    ]
+    return [{"id": i, "claim": c, "ours": o, "same": bool(s)} for i, c, o, s in rows]
+
+
+def temporal_layout(r) -> list:
+    """The tables of TEMPORAL.md as references into r["cells"]: [cell, metric, step, stat] (a cell shown
+    as "mean ± std" when stat is "both"); the writer looks every number up."""
+    names = list(r["cells"])
+    steps = range(r["stream"]["num_tasks"] + 1)
+    tables = [{"title": "Final step (t = T): mean ± std over seeds",
+               "header": ["cell", "A_KA", "A_KA seen", "A_ZS", "GM"],
+               "rows": [[n, *[[n, m, -1, "both"] for m in ("a_ka", "a_ka_seen", "a_zs", "gm")]] for n in names]}]
+    for metric, label in (("a_ka", "A_KA(t)"), ("a_zs", "A_ZS(t)"), ("gm", "GM(t)")):
+        tables.append({"title": f"Trajectories: {label}, seed mean, t = 0 is the base model",
+                       "header": ["cell", *[f"t={t}" for t in steps]],
+                       "rows": [[n, *[[n, metric, t, "mean"] for t in steps]] for n in names]})
+    if "ema/ema" in r["cells"]:
+        tables.append({"title": "ema/ema: accuracy of θ^o_t (rows) on every task (columns), seed mean",
+                       "header": ["t", *[f"task {k + 1}" for k in range(len(r["stream"]["tasks"]))]],
+                       "rows": [[str(t), *[["ema/ema", "matrix", t, "mean", k] for k in range(len(r["stream"]["tasks"]))]]
+                                for t in steps]})
+    return tables
+
+
+def layout_value(r, ref) -> str:
+    """One table cell of TEMPORAL.md from its reference (see temporal_layout)."""
+    if isinstance(ref, str):
+        return ref
+    name, metric, t, stat, *task = ref
+    pick = lambda s: r["cells"][name][s][metric][t] if not task else r["cells"][name][s][metric][t][task[0]]  # noqa: E731
+    if stat == "both":
+        return "–" if pick("mean") is None else f"{pick('mean'):.1f} ± {pick('std'):.1f}"
+    return fmt(pick(stat), 1)
+
+
+def write_temporal(r, out):
+    """temporal.json (every number and the layout), then TEMPORAL.md as a view of exactly that JSON."""
+    train.write_json(os.path.join(out, "temporal.json"), r)
+    r = json.loads(json.dumps(r))
+    p, s = r["preset"], r["stream"]
+    lines = [f"# Merging over time — preset `{r['preset_name']}`", "",
+             f"{s['num_tasks']} tasks ({s['order']} order), scored by {s['metric']}; vit_tiny maa of depth "
+             f"{p['depth']}, {p['image_size']} px, {p['task_steps']} steps of batch {p['batch_size']} per task, "
+             f"{r['seeds']} seed(s); {fmt(r['seconds'] / 60, 1)} minutes on {r['device']}. Cells are named "
+             f"`init/deploy` (TIME's initialization and deployment phases), then what differs from the defaults "
+             f"(interpolation, w = 0.5, uniform schedule, replay, full budget). Technique options: "
+             + "; ".join(f"{k} {v}" for k, v in p["techniques"].items() if v) + ".", "",
+             "Tasks: " + "; ".join(f"{k + 1}. {name}" for k, name in enumerate(s["tasks"])) + ".", ""]
+    if r["findings"]:
+        lines += ["## Findings", "", "T1–T6 are the paper's claims as summarized from its abstract and official code "
+                  "(ExplainableML/fomo_in_flux), not quotations; *same direction?* compares the seed means at t = T.",
+                  "", table(["", "the paper's claim", "ours", "same direction?"],
+                            [[f["id"], f["claim"], f["ours"], "yes" if f["same"] else "**no**"] for f in r["findings"]]),
+                  ""]
+    for t in r["layout"]:
+        lines += [f"## {t['title']}", "", table(t["header"], [[layout_value(r, ref) for ref in row] for row in t["rows"]]), ""]
+    tmp = os.path.join(out, f"TEMPORAL.md.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines))
+    os.replace(tmp, os.path.join(out, "TEMPORAL.md"))
+    plot_temporal(r, os.path.join(out, "temporal.png"))
+    print("\n".join(lines))
+
+
+def plot_temporal(r, path):
+    """A_KA and A_ZS over t for the headline cells, when matplotlib is installed (an optional extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name in [n for n in ("ema/ema", "ft/ft", "zs/all", "paint", "base") if n in r["cells"]] or list(r["cells"]):
+        for ax, metric in zip(axes, ("a_ka", "a_zs")):
+            ys = r["cells"][name]["mean"][metric]
+            ax.plot(range(len(ys)), ys, "o-", label=name)
+    for ax, label in zip(axes, ("A_KA (knowledge accumulation)", "A_ZS (zero-shot retention)")):
+        ax.set(xlabel="task t", ylabel=label)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# bench: every figure is a ratio against a reference timed in the same process. A ratio is the median
+# over interleaved pairs (reference, candidate, reference, candidate, ...), each pair timed back to back,
+# with the min-max of the pair ratios beside it: a slow minute on a shared machine then slows both sides
+# of a pair instead of one side of the ratio.
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, from the vendors' sheets
 
@@ -845,12 +1409,37 @@ def set_mmap_threshold():
         pass
 
 
-def measure(fn, device, repeats):
-    """(median seconds, peak extra bytes of one call)."""
-    seconds = median_seconds(fn, device, repeats)
+class Paired(NamedTuple):
+    ref: float     # median seconds of the reference
+    ours: float    # median seconds of the candidate
+    ratio: float   # median over the pairs of ours / ref
+    lo: float      # min and max of the pair ratios
+    hi: float
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def paired_seconds(ref_fn, fn, device, pairs, warmup=2) -> Paired:
+    """Time `ref_fn` and `fn` in alternation, `pairs` times, after `warmup` calls of each."""
+    for _ in range(warmup):
+        ref_fn(), fn()
+    times = [(timed(ref_fn, device), timed(fn, device)) for _ in range(pairs)]
+    ratios = [ours / ref for ref, ours in times]
+    return Paired(statistics.median(r for r, _ in times), statistics.median(o for _, o in times),
+                  statistics.median(ratios), min(ratios), max(ratios))
+
+
+def peak_bytes(fn, device):
+    """Peak extra bytes of one call."""
     with PeakMemory(device) as mem:
         fn()
-    return seconds, mem.peak
+    return mem.peak
 
 
 def layer_flops(tokens, dim):
@@ -897,18 +1486,17 @@ def bench_vision(args, device, shape, rows):
             x = ref._process_input(images)
             x = ref.encoder(torch.cat([ref.class_token.expand(batch, -1, -1), x], dim=1))
         x.float().mean().backward()
-    t_ref = median_seconds(ref_step, device, repeats)
     for variant in VARIANTS:
         model = build_model(args.arch, variant, image_size=size, patch_size=patch, depth=depth,
-                                  vocab_size=1000).to(device)
+                            vocab_size=1000).to(device)
 
         def step():
             with autocast:
                 x = model.encode_image(images)
             x.float().mean().backward()
-        t = median_seconds(step, device, repeats)
-        rows.append(["vision route fwd+bwd", variant, f"{1000 * t:.1f} ms", f"torchvision ViT {1000 * t_ref:.1f} ms",
-                     t / t_ref, "≤ 1.05"])
+        t = paired_seconds(ref_step, step, device, repeats)
+        rows.append(["vision route fwd+bwd", variant, f"{1000 * t.ours:.1f} ms",
+                     f"torchvision ViT {1000 * t.ref:.1f} ms", t, "≤ 1.05"])
 
 
 def bench_pretrain(args, device, shape, rows, arch):
@@ -945,9 +1533,9 @@ def bench_merge(args, device, arch, rows, repeats):
         model = build_model(arch, "msa", image_size=32 if args.quick else 224, patch_size=8 if args.quick else 16)
     state = {k: v.to(device) for k, v in model.state_dict().items()}
     size = sum(v.numel() * v.element_size() for v in state.values())
-    t_copy, m_copy = measure(lambda: {k: v.clone() for k, v in state.items()}, device, repeats)
-    rows.append(["state-dict copy (reference)", f"{arch} msa, {size / 2**20:.0f} MiB", f"{1000 * t_copy:.0f} ms",
-                 f"peak +{m_copy / size:.2f}× ckpt", 1.0, ""])
+    copy = lambda: {k: v.clone() for k, v in state.items()}  # noqa: E731  the reference
+    rows.append(["state-dict copy (reference)", f"{arch} msa, {size / 2**20:.0f} MiB", "",
+                 f"peak +{peak_bytes(copy, device) / size:.2f}× ckpt", None, ""])
     init = merge.merge_modalities(state, "interpolation", alpha=0.5)
     grams = {k: torch.eye(v.shape[1], device=device) + 0.01 for k, v in state.items()
              if v.dim() == 2 and merge.merged_key(k)[1] is not None}
@@ -955,10 +1543,11 @@ def bench_merge(args, device, arch, rows, repeats):
                "regmean": {"gamma": 0.5, "grams": grams}, "ties": {"density": 0.2, "lam": 1.0, "init_state": init},
                "dare": {"p": 0.9, "lam": 0.5, "seed": 0, "init_state": init}}
     for method, options in methods.items():
-        t, m = measure(lambda: merge.merge_modalities(state, method, **options), device, max(1, repeats // 2))
+        run = lambda: merge.merge_modalities(state, method, **options)  # noqa: E731
+        t = paired_seconds(copy, run, device, max(1, repeats // 2))
         target = "≤ 2× time, ≤ 1.2× ckpt memory" if method == "interpolation" else ""
-        rows.append([f"merge_modalities {method}", f"{arch} msa", f"{1000 * t:.0f} ms",
-                     f"peak +{m / size:.2f}× ckpt", t / t_copy, target])
+        rows.append([f"merge_modalities {method}", f"{arch} msa", f"{1000 * t.ours:.0f} ms",
+                     f"copy {1000 * t.ref:.0f} ms; peak +{peak_bytes(run, device) / size:.2f}× ckpt", t, target])
     # Gram collection: the same forward passes with and without the hooks
     model = model.to(device).eval()
     cfg = model.cfg
@@ -968,13 +1557,12 @@ def bench_merge(args, device, arch, rows, repeats):
         with torch.no_grad():
             for b in batches:
                 modality_forward(model, b)
-    t_bare = median_seconds(bare, device, repeats)
-    t_gram = median_seconds(lambda: merge.collect_grams(model, batches, forward=modality_forward), device, repeats)
+    t = paired_seconds(bare, lambda: merge.collect_grams(model, batches, forward=modality_forward), device, repeats)
     # Arithmetic floor: per token and block the Grams of qkv, proj, fc1 (D² each) and fc2 ((4D)² = 16D²)
     # cost 2·19·D² multiply-adds against the block's own 2·12·D²: hooks cannot cost less than ~2.6x.
     floor = 1 + 19 / 12
-    rows.append(["collect_grams", f"{arch} msa, 2 batches", f"{1000 * t_gram:.0f} ms",
-                 f"forwards {1000 * t_bare:.0f} ms; FLOP floor {floor:.2f}×", t_gram / t_bare,
+    rows.append(["collect_grams", f"{arch} msa, 2 batches", f"{1000 * t.ours:.0f} ms",
+                 f"forwards {1000 * t.ref:.0f} ms; FLOP floor {floor:.2f}×", t,
                  f"≤ 1.2 (below the {floor:.1f}× floor: see README)"])
     return state
 
@@ -983,12 +1571,12 @@ def bench_distances(device, state, rows, repeats):
     """The four Sec. 7 metrics between the v and l experts; memory in units of the largest tensor."""
     a, b = merge.modality_weights(state)
     largest = max(v.numel() * v.element_size() for v in a.values())
-    t_ref = median_seconds(lambda: sum(float((x - y).pow(2).sum()) for x, y in zip(a.values(), b.values())),
-                           device, repeats)
+    reference = lambda: sum(float((x - y).pow(2).sum()) for x, y in zip(a.values(), b.values()))  # noqa: E731
     for name, metric in METRICS.items():
-        t, m = measure(lambda: metric(a, b), device, max(1, repeats // 2))
+        t = paired_seconds(reference, lambda: metric(a, b), device, max(1, repeats // 2))
         rows.append([f"distance {name}", f"{sum(v.numel() for v in a.values()) / 1e6:.1f}M weights",
-                     f"{1000 * t:.0f} ms", f"peak +{m / largest:.1f}× largest tensor", t / t_ref,
+                     f"{1000 * t.ours:.0f} ms", f"Σ(a−b)² {1000 * t.ref:.0f} ms; "
+                     f"peak +{peak_bytes(lambda: metric(a, b), device) / largest:.1f}× largest tensor", t,
                      "≤ ~2 extra copies" if name == "tssd" else ""])
 
 
@@ -1001,16 +1589,21 @@ def bench_data(args, rows, repeats):
     dataset = world.dataset("pretrain", "train")
     collate = data.Collator(world.tokenizer(), max_len=32, image_size=32, train=True)
     n_batches = 4 if args.quick else 40
-    rates = {}
-    for workers in (0, 2):
-        loader = torch.utils.data.DataLoader(dataset, 64, shuffle=True, collate_fn=collate, num_workers=workers)
 
-        def consume():
-            for _, _batch in zip(range(n_batches), loader):
-                pass
-        rates[workers] = n_batches * 64 / median_seconds(consume, torch.device("cpu"), 1, warmup=0)
-        rows.append(["loader (RandAugment + MLM)", f"{workers} workers", f"{rates[workers]:.0f} samples/s",
-                     f"0 workers {rates[0]:.0f}/s", rates[workers] / rates[0], ""])
+    def consume(workers):
+        loader = torch.utils.data.DataLoader(dataset, 64, shuffle=True, collate_fn=collate, num_workers=workers)
+        return lambda: [None for _, _batch in zip(range(n_batches), loader)]
+    t = paired_seconds(consume(0), consume(2), torch.device("cpu"), max(1, repeats // 2), warmup=0)
+    rows.append(["loader (RandAugment + MLM)", "2 workers", f"{n_batches * 64 / t.ours:.0f} samples/s",
+                 f"0 workers {n_batches * 64 / t.ref:.0f}/s", t, "time ratio < 1"])
+
+
+def flat_row(row):
+    """[..., ratio or Paired or None, target] -> [..., median ratio, (min, max) or None, target]."""
+    *head, ratio, target = row
+    if isinstance(ratio, Paired):
+        return [*head, ratio.ratio, (ratio.lo, ratio.hi), target]
+    return [*head, ratio, None, target]
 
 
 def run_bench(args):
@@ -1030,11 +1623,13 @@ def run_bench(args):
     state = bench_merge(args, device, args.arch if args.quick else "vit_base", rows, repeats)
     bench_distances(device, state, rows, repeats)
     bench_data(args, rows, repeats)
-    header = ["benchmark", "setting", "ours", "reference", "ratio", "target"]
+    header = ["benchmark", "setting", "ours", "reference", "ratio", "range", "target"]
     print(f"\n**vlmerge bench** — {device.type}"
           f" ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}),"
           f" torch {torch.__version__}\n")
-    print(table(header, [r[:4] + [fmt(r[4]), r[5]] for r in rows]))  # ratio None: no reference (MFU on CPU)
+    rows = [flat_row(r) for r in rows]
+    print(table(header, [r[:4] + [fmt(r[4]), "" if r[5] is None else f"{r[5][0]:.2f}–{r[5][1]:.2f}", r[6]]
+                         for r in rows]))  # a ratio None has no reference (MFU on a CPU)
     result = {"device": str(device), "torch": torch.__version__, "quick": args.quick,
               "rows": [dict(zip(header, r)) for r in rows]}
     train.write_json(args.json, result)
@@ -1052,12 +1647,11 @@ def cmd_merge(args):
                "regmean": {"gamma": args.gamma}, "ties": {"density": args.density, "lam": args.lam},
                "dare": {"p": args.p, "lam": args.lam, "seed": args.seed}}[args.method]
     init = train.load_checkpoint(args.init_state) if args.init_state else None
-    batches = None
+    grams = None
     if args.method == "regmean":
-        if "config" not in checkpoint:
-            raise ValueError("--method regmean needs a vlmerge checkpoint (with 'config') to collect Gram matrices")
-        batches = gram_batches(checkpoint, args.gram_batches, args.batch_size)
-    merged = merge_checkpoint(checkpoint, args.method, init, batches, **options)
+        batches = gram_batches(checkpoint, args.gram_samples, args.batch_size, data_flags(vars(args)))
+        grams = checkpoint_grams(checkpoint, batches, args.device)
+    merged = merge_checkpoint(checkpoint, args.method, init, grams, **options)
     train.save_checkpoint(args.output, merged)
     print(f"merged {args.ckpt} by {args.method} {options} -> {args.output}")
 
@@ -1092,6 +1686,9 @@ def cmd_eval(args):
             "--image-size", str(cfg["image_size"]), "--patch-size", str(cfg["patch_size"]),
             "--max-len", str(cfg["max_text_len"]), "--eval-only", "--init", args.ckpt,
             "--eval-split", args.split, "--out", args.out, *args.train_args]
+    saved_vocab = (checkpoint.get("args") or {}).get("vocab")
+    if saved_vocab and "--vocab" not in args.train_args:  # real data: the checkpoint's own tokenizer by default
+        argv += ["--vocab", saved_vocab]
     return train.run(argv)
 
 
@@ -1111,6 +1708,33 @@ def build_parser():
     p.add_argument("--dry-run", action="store_true", help="print every stage's command and build its model")
     p.set_defaults(func=run_recipe)
 
+    p = sub.add_parser("temporal", help="merging over time (Dziadzio et al. 2025): init × deploy × technique over "
+                                        "a stream of tasks; writes TEMPORAL.md and temporal.json")
+    p.add_argument("--preset", default="tiny", choices=list(TEMPORAL_PRESETS),
+                   help="smoke: the whole grid in a few steps per task (the test suite); tiny: the README's grid")
+    p.add_argument("--out", default=None, help="run directory (default runs/temporal_<preset>)")
+    p.add_argument("--base", default=None, help="θ_0: any maa checkpoint (default: pre-train one, cached in OUT/base)")
+    # the three axes of TIME (a single cell; --grid runs them all)
+    p.add_argument("--init", default="ema", choices=merge.INITS,
+                   help="initialization phase: zs θ_0, ft the latest expert, all the offline merge, ema the running merge")
+    p.add_argument("--deploy", default="ema", choices=merge.DEPLOYS, help="deployment phase: ft, all or ema")
+    p.add_argument("--technique", default="interpolation", choices=merge.TECHNIQUES, help="merging technique M")
+    p.add_argument("--ema-weight", type=float, default=0.5, help="w of the newest expert in the running merge (paper: 0.5)")
+    p.add_argument("--schedule", default="uniform", choices=merge.SCHEDULES, help="weights of `all` over experts 1..t")
+    p.add_argument("--no-replay", action="store_true",
+                   help="train on the current task only (default: ⅓ base data, ⅓ current task, ⅓ previous tasks)")
+    p.add_argument("--grid", action="store_true", help="every init × deploy cell, every technique, the baselines, T1–T6")
+    p.add_argument("--seeds", type=int, default=1, help="training seeds; tables show mean ± std")
+    p.add_argument("--order", default=None, choices=list(data.ORDERS), help="task order of the synthetic stream")
+    # the real-file form
+    p.add_argument("--stream", nargs="+", default=None, help="image–text JSON-lines, one file per task, in order")
+    p.add_argument("--stream-test", nargs="+", default=None, help="one test JSON-lines file per --stream file")
+    p.add_argument("--retention", default=None, help="held-out image–text JSON-lines (zero-shot retention)")
+    p.add_argument("--base-data", default=None, help="pre-training image–text JSON-lines mixed in by replay")
+    p.add_argument("--vocab", default=None, help="BERT vocab.txt (with --stream)")
+    p.add_argument("--image-root", default=None, help="image folder (default: each file's folder)")
+    p.set_defaults(func=run_temporal)
+
     p = sub.add_parser("merge", help="merge an msa-family checkpoint into a maa checkpoint (Sec. 4.1)")
     p.add_argument("ckpt")
     p.add_argument("--method", required=True, choices=merge.METHODS)
@@ -1121,8 +1745,13 @@ def build_parser():
     p.add_argument("--p", type=float, default=0.9, help="dare: drop probability")
     p.add_argument("--seed", type=int, default=0, help="dare: random seed")
     p.add_argument("--init-state", default=None, help="W_0: the seed maa checkpoint (arithmetic / ties / dare)")
-    p.add_argument("--gram-batches", type=int, default=8, help="RegMean: synthetic pre-training batches")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--gram-samples", type=int, default=512, help="RegMean: pre-training samples for the Grams")
+    p.add_argument("--batch-size", type=int, default=GRAM_BATCH, help="RegMean: samples per forward")
+    # RegMean's data: train.py's data flags; by default the checkpoint's own (saved in it by train.py)
+    p.add_argument("--data", default=None, help="RegMean: pre-training data ('synthetic', .jsonl, Karpathy .json)")
+    p.add_argument("--image-root", default=None, help="RegMean: folder of --data's images")
+    p.add_argument("--vocab", default=None, help="RegMean: the BERT vocab.txt the checkpoint was trained with")
+    p.add_argument("--device", default=str(default_device()), help="RegMean: where the Grams are collected")
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_merge)
 
@@ -1139,7 +1768,10 @@ def build_parser():
     p.add_argument("--task", default=None, choices=train.TASKS)
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--out", default="runs/eval")
-    p.add_argument("train_args", nargs=argparse.REMAINDER, help="further train.py flags (e.g. --data ...)")
+    p.add_argument("train_args", nargs=argparse.REMAINDER,
+                   help="further train.py flags: real data is --eval-data (+ --eval-annotations for VQA, "
+                        "--eval-image-root, --predictions FILE), or --data ROOT for cls / seg; --vocab defaults "
+                        "to the one the checkpoint was trained with")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="speed and memory against references in the same process")

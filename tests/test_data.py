@@ -156,15 +156,55 @@ def test_no_val_or_test_layout_of_any_task_is_in_any_train_split():
             assert len(held_out) > 50 and not held_out & trained, (task, split)
 
 
-def test_vqa_target_is_the_soft_score_min_one_count_over_three():
+def test_vqa_target_is_vilt_soft_score_of_the_annotator_count():
     ds = WORLD.dataset("vqa", "train")
+    soft = {1: 0.3, 2: 0.6, 3: 0.9}  # ViLT / VLMo; 4 or more annotators: 1
     for i in range(100):
         sample = ds[i]
         expected = torch.zeros(len(WORLD.answers))
         for answer in set(sample["answers"]):
-            expected[WORLD.answers.index(answer)] = min(1.0, sample["answers"].count(answer) / 3)
+            expected[WORLD.answers.index(answer)] = soft.get(sample["answers"].count(answer), 1.0)
         assert len(sample["answers"]) == 10 and torch.equal(sample["target"], expected)
-    assert data.vqa_scores(["a"] * 2 + ["b"] * 7 + ["c"]) == {"a": 2 / 3, "b": 1.0, "c": 1 / 3}
+    assert data.vqa_scores(["a"] * 2 + ["b"] * 4 + ["c"] + ["d"] * 3) == {"a": 0.6, "b": 1.0, "c": 0.3, "d": 0.9}
+
+
+# --- the official VQA accuracy: min(1, matches / 3) over the 10 leave-one-out subsets of annotators ---------
+
+def leave_one_out(prediction, humans):
+    """The definition written out: for each annotator left out, min(1, matches among the other 9 / 3)."""
+    return sum(min(1, sum(h == prediction for h in humans[:j] + humans[j + 1:]) / 3)
+               for j in range(len(humans))) / len(humans)
+
+
+@pytest.mark.parametrize("matches,expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+def test_vqa_accuracy_of_1_2_3_4_and_10_matching_annotators(matches, expected):
+    humans = ["cat"] * matches + ["dog", "bird"] * ((10 - matches) // 2) + ["dog"] * ((10 - matches) % 2)
+    assert data.vqa_accuracy("cat", humans) == pytest.approx(expected)
+    assert data.vqa_accuracy("cat", humans) == pytest.approx(leave_one_out("cat", humans))
+
+
+@pytest.mark.parametrize("prediction,humans,expected", [
+    ("Two", ["2"] * 3 + ["3"] * 7, 0.9),                          # number words -> digits, lowercase
+    ("none", ["0"] * 2 + ["1"] * 8, 0.6),
+    ("the red one.", ["red 1"] * 4 + ["red"] * 6, 1.0),           # articles dropped, period stripped
+    ("a dog", ["dog"] * 1 + ["cat"] * 9, 0.3),
+    ("dont", ["don't"] * 2 + ["no"] * 8, 0.6),                     # contractions restored
+    ("couldnt've", ["couldn't've"] * 3 + ["no"] * 7, 0.9),
+    ("yes!", ["yes"] * 5 + ["no"] * 5, 1.0),                      # punctuation
+    ("  black/white\n", ["black white"] * 2 + ["black"] * 8, 0.6),  # a mark inside a word becomes a space
+    ("1,000", ["1000"] * 4 + ["100"] * 6, 1.0),                   # digit,digit: marks are deleted, not spaced
+    ("left", ["left,"] * 3 + ["right"] * 7, 0.0),                  # a human "left," keeps its comma's space
+])
+def test_vqa_accuracy_normalizes_answers_like_the_official_script(prediction, humans, expected):
+    assert data.vqa_accuracy(prediction, humans) == pytest.approx(expected)
+
+
+def test_vqa_accuracy_leaves_unanimous_human_answers_as_written():
+    # the script normalizes human answers only when they disagree; all ten "two" never meet the prediction's "2"
+    assert data.vqa_accuracy("two", ["two"] * 10) == 0.0
+    assert data.vqa_accuracy("2", ["2"] * 10) == 1.0
+    with pytest.raises(ValueError, match="no human answers"):
+        data.vqa_accuracy("2", [])
 
 
 def test_annotators_agree_with_the_true_answer_nine_times_in_ten():
@@ -582,15 +622,13 @@ def test_vqa_loader_builds_top_answers_and_soft_targets(tmp_path):
     ds = data.load_vqa(questions, annotations, tmp_path, top_k=2, image_pattern=pattern)
     assert ds.answers == ["red", "2"]  # by frequency of the multiple-choice answer
     assert ds[0]["target"].tolist() == [1.0, 0.0]  # "blue" (2 of 10) is outside the top 2: it scores nothing
-    assert ds[2]["target"].tolist() == pytest.approx([2 / 3, 0.0])  # 2 annotators said "red": min(1, 2/3)
+    assert ds[2]["target"].tolist() == pytest.approx([0.6, 0.0])  # 2 annotators said "red": ViLT's 0.6
     assert ds[1]["question_id"] == 11 and ds[1]["image"].eq(2).all() and len(ds[1]["answers"]) == 10
-    with pytest.raises(ValueError, match=r"a.json question_id 11: answer '2' is not in the answer vocabulary"):
-        data.load_vqa(questions, annotations, tmp_path, answers=["red", "blue"], image_pattern=pattern)
-    with pytest.warns(UserWarning, match="skipped 1 bad record"):
-        kept = data.load_vqa(questions, annotations, tmp_path, answers=["red", "blue"], image_pattern=pattern,
-                             skip_bad=True)
-    assert [kept[i]["question_id"] for i in range(len(kept))] == [10, 12]
-    assert kept[0]["target"].tolist() == pytest.approx([1.0, 2 / 3])
+    # with a given vocabulary every question stays, also one whose answer lies outside it (target all zero)
+    val = data.load_vqa(questions, annotations, tmp_path, answers=["red", "blue"], image_pattern=pattern)
+    assert [val[i]["question_id"] for i in range(len(val))] == [10, 11, 12]
+    assert val[1]["target"].tolist() == [0.0, 0.0] and val[1]["answers"] == ["2"] * 9 + ["3"]
+    assert val[0]["target"].tolist() == pytest.approx([1.0, 0.6])
     test_dev = data.load_vqa(questions, None, tmp_path, answers=ds.answers, image_pattern=pattern)
     assert "target" not in test_dev[0] and test_dev[0]["text"] == "what color?"
     with pytest.raises(ValueError, match=r"q.json question_id 10: image file .*COCO_train2014_000000000001.jpg"):

@@ -582,14 +582,18 @@ def test_regmean_with_grams_collected_on_the_msa_model_loads_into_maa():
     model = pytest.importorskip("model")
     torch.manual_seed(0)
     msa = model.build_model("vit_tiny", "msa", **SMALL).eval()
-    images, ids = torch.randn(2, 3, 32, 32), torch.randint(0, 100, (2, 6))
-    mask = torch.ones(2, 6, dtype=torch.long)
-
-    def both_routes(m, batch):  # retrieval reaches v and l experts, the fusion route the vl ones
-        m.encode_image(batch[0]), m.encode_text(batch[1], batch[2]), m.encode_pair(*batch)
-
-    grams = collect_grams(msa, [(images, ids, mask)], forward=both_routes)
-    assert grams["blocks.3.attn.vl.qkv.weight"].shape == (192, 192)
+    vlmerge = pytest.importorskip("vlmerge")
+    batch = {"images": torch.randn(2, 3, 32, 32), "input_ids": torch.randint(0, 100, (2, 6)),
+             "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    # the production Gram forward: both routes, every expert on its own modality
+    grams = collect_grams(msa, [batch], forward=vlmerge.modality_forward)
+    lower, top = "blocks.0.attn.{}.qkv.weight", "blocks.3.attn.{}.qkv.weight"
+    assert {k for k in grams if k.startswith(("blocks.0.attn.", "blocks.3.attn.")) and k.endswith("qkv.weight")} == \
+        {lower.format("v"), lower.format("l"), top.format("v"), top.format("l"), top.format("vl")}
+    # the l expert of layer 0 saw exactly the text embeddings, normed: its Gram is their X^T X
+    with torch.no_grad():
+        x = msa.blocks[0].norm1["l"](msa.embed_text(batch["input_ids"])).flatten(0, 1).double()
+    torch.testing.assert_close(grams[lower.format("l")].double(), x.T @ x, rtol=1e-4, atol=1e-4)
     merged = merge_modalities(msa.state_dict(), "regmean", grams=grams, gamma=0.5)
     model.build_model("vit_tiny", "maa", **SMALL).load_state_dict(merged, strict=True)
 

@@ -95,21 +95,44 @@ def test_all_experts_start_from_the_same_initialization():
 
 # --- the two routes -----------------------------------------------------------------------------
 
+def by_hand(model, x, modality, layers, mask=None):
+    """Blocks `layers` computed from their modules, picking each sublayer's expert explicitly (an
+    independent reading of Fig. 2b: pre-norm, x += attn(norm1(x)); x += mlp(norm2(x)))."""
+    pick = lambda sub: sub[modality] if isinstance(sub, torch.nn.ModuleDict) else sub  # noqa: E731
+    for block in layers:
+        x = x + pick(block.attn)(pick(block.norm1)(x), mask)
+        x = x + pick(block.mlp)(pick(block.norm2)(x))
+    return x
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_both_routes_run_for_every_variant_and_size(arch, variant):
+def test_both_routes_compute_fig2b_for_every_variant_and_size(arch, variant):
     torch.manual_seed(0)
-    model = build_model(arch, variant, vocab_size=50, image_size=32, depth=3).eval()
+    model = build_model(arch, variant, vocab_size=50, image_size=32, depth=3, fusion_layers=1).eval()
+    with torch.no_grad():  # experts that differ, so that using the wrong one shows
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     images, ids, mask = random_batch()
-    d = ARCHS[arch]["dim"]
+    d, lower, top = ARCHS[arch]["dim"], model.blocks[:2], model.blocks[2:]
+    norm = lambda m, x: (model.norm[m] if isinstance(model.norm, torch.nn.ModuleDict) else model.norm)(x)  # noqa: E731
     with torch.no_grad():
-        assert model.encode_image(images).shape == (2, 1 + 4, d)
-        assert model.encode_text(ids, mask).shape == (2, 7, d)
-        fused = model.encode_pair(images, ids, mask)
-        assert fused.shape == (2, 1 + 4 + 7, d)
-        assert model.itm_logits(fused).shape == (2, 2)
-        assert model.mlm_logits(fused, 7).shape == (2, 7, 50)
-        assert torch.isfinite(fused).all()
+        r = model.routes(images, ids, mask)
+        img_low = by_hand(model, model.embed_image(images), "v", lower)
+        txt_low = by_hand(model, model.embed_text(ids), "l", lower, mask.bool())
+        pair_mask = torch.cat([torch.ones(2, 5, dtype=torch.bool), mask.bool()], dim=1)
+        expected = {
+            "image": norm("v", by_hand(model, img_low, "v", top)),
+            "text": norm("l", by_hand(model, txt_low, "l", top, mask.bool())),
+            "fused": norm("vl", by_hand(model, torch.cat([img_low, txt_low], 1), "vl", top, pair_mask)),
+        }
+        for name, want in expected.items():
+            torch.testing.assert_close(getattr(r, name), want, rtol=1e-4, atol=1e-5, msg=name)
+        assert (r.image.shape, r.text.shape, r.fused.shape) == ((2, 5, d), (2, 7, d), (2, 12, d))
+        # the single-route encoders are exactly the halves of routes()
+        assert torch.equal(model.encode_image(images), r.image)
+        assert torch.equal(model.encode_text(ids, mask), r.text)
+        assert torch.equal(model.encode_pair(images, ids, mask), r.fused)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -141,14 +164,50 @@ def test_routes_use_the_experts_of_fig2():
         assert not torch.allclose(model.encode_text(ids, mask), before[1])
 
 
-@pytest.mark.parametrize("task,shape", [("vqa", (2, 11)), ("nlvr2", (2, 2)), ("cls", (2, 5)), ("seg", (2, 4, 32, 32))])
-def test_task_heads(task, shape):
-    model = small_model("msa", task=task, num_answers=11, num_classes=5, seg_classes=4)
+def head_batch():
     images, ids, mask = random_batch()
-    batch = {"images": images, "images2": images.flip(0), "input_ids": ids, "attention_mask": mask}
+    return {"images": images, "images2": torch.randn_like(images), "input_ids": ids, "attention_mask": mask}
+
+
+def test_vqa_head_pools_the_first_fused_token():
+    model = small_model("msa", task="vqa", num_answers=11)
+    b = head_batch()
     with torch.no_grad():
-        assert model(batch).shape == shape
-    assert not hasattr(model, "mlm_head")  # only the heads of the task are built
+        fused = model.encode_pair(b["images"], b["input_ids"], b["attention_mask"])
+        expected = model.vqa_head(torch.tanh(model.pooler[0](fused[:, 0])))  # BERT pooler on token 0
+        torch.testing.assert_close(model(b), expected)
+        assert model(b).shape == (2, 11)
+    assert not hasattr(model, "mlm_head") and not hasattr(model, "itc_image_proj")  # only the task's heads
+
+
+def test_nlvr2_pairs_the_statement_with_both_images():
+    model = small_model("msa", task="nlvr2")
+    b = head_batch()
+    with torch.no_grad():
+        left = model.encode_pair(b["images"], b["input_ids"], b["attention_mask"])
+        right = model.encode_pair(b["images2"], b["input_ids"], b["attention_mask"])
+        pooled = torch.cat([torch.tanh(model.pooler[0](left[:, 0])), torch.tanh(model.pooler[0](right[:, 0]))], -1)
+        torch.testing.assert_close(model(b), model.nlvr2_head(pooled))
+        swapped = model({**b, "images": b["images2"], "images2": b["images"]})
+        assert not torch.allclose(swapped, model(b))  # left and right are told apart
+
+
+@pytest.mark.parametrize("task", ["cls", "seg"])
+def test_vision_heads_use_the_patch_tokens_of_the_vision_route_only(task):
+    model = small_model("msa", task=task, num_classes=5, seg_classes=4)
+    b = head_batch()
+    with torch.no_grad():
+        feats = model.encode_image(b["images"])
+        if task == "cls":  # BEiT: mean of the patch tokens (not [CLS]), normed, linear
+            expected = model.cls_head(model.cls_norm(feats[:, 1:].mean(1)))
+        else:  # per-patch classes on the 4x4 grid, bilinearly upsampled to 32x32 pixels
+            grid = model.seg_head(feats[:, 1:]).transpose(1, 2).reshape(2, 4, 4, 4)
+            expected = F.interpolate(grid, size=32, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(model(b), expected)
+        before = model(b)
+        model.blocks[-1].mlp["vl"].fc2.bias.add_(1.0)  # language / fusion experts play no part
+        model.blocks[0].attn["l"].proj.bias.add_(1.0)
+        assert torch.equal(model(b), before)
 
 
 # --- seed hand-over (Sec. 4.3) ---------------------------------------------------------------------

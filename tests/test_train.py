@@ -1,6 +1,7 @@
 """train.py: each loss against a hand computation, ITC over 2 gloo ranks = 1 process with the
 global batch, interrupt-and-resume exactness, atomic checkpoints, learning on the synthetic world,
 and bad input."""
+import contextlib
 import json
 import math
 import os
@@ -71,6 +72,88 @@ def test_vqa_loss_is_soft_bce_times_answers():
     by_hand = sum(-(t * math.log(1 / (1 + math.exp(-x))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-x))))
                   for x, t in zip(logits[0].tolist(), target[0].tolist()))
     assert train.vqa_loss(logits, target).item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def pretrain_batch(b=4, length=6, vocab=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (b, length), generator=g)
+    mask = torch.ones(b, length, dtype=torch.long)
+    mask[1, 3:] = 0  # caption 1 is padded: its mask must travel with it into the negatives
+    mlm_labels = torch.full((b, length), -100)
+    mlm_labels[0, 1], mlm_labels[2, 2] = ids[0, 1], ids[2, 2]
+    mlm_ids = ids.clone()
+    mlm_ids[0, 1] = mlm_ids[2, 2] = 4  # [MASK]
+    return {"images": torch.randn(b, 3, 32, 32, generator=g), "input_ids": ids, "attention_mask": mask,
+            "mlm_input_ids": mlm_ids, "mlm_labels": mlm_labels}
+
+
+def test_pretraining_objective_is_itc_plus_itm_plus_quarter_mlm(monkeypatch):
+    from model import build_model
+    torch.manual_seed(0)
+    model = build_model("vit_tiny", "msa", vocab_size=40, image_size=32, patch_size=8, depth=2, fusion_layers=1)
+    batch = pretrain_batch()
+    neg_text, neg_image = torch.tensor([2, 3, 0, 1]), torch.tensor([1, 0, 3, 2])
+    draws = iter([neg_text, neg_image])
+    monkeypatch.setattr(train, "sample_hard_negatives", lambda sim: next(draws))
+    loss, parts = train.Objective(model)(batch)
+
+    images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
+    itc, _ = train.itc_loss(*model.itc_embed(model.encode_image(images), model.encode_text(ids, mask)),
+                            model.logit_scale)
+    # ITM by hand: the 4 true pairs, each image with its hard negative text (and that text's mask),
+    # each text with its hard negative image; labels 1 for the true pairs, 0 for the 8 negatives
+    pairs = [(images, ids, mask), (images, ids[neg_text], mask[neg_text]), (images[neg_image], ids, mask)]
+    logits = torch.cat([model.itm_logits(model.encode_pair(*p)) for p in pairs])
+    itm = F.cross_entropy(logits, torch.tensor([1] * 4 + [0] * 8))
+    mlm = train.mlm_loss(model.mlm_logits(model.encode_pair(images, batch["mlm_input_ids"], mask), 6),
+                         batch["mlm_labels"])
+    for got, want in ((parts["itc"], itc), (parts["itm"], itm), (parts["mlm"], mlm), (loss, itc + itm + 0.25 * mlm)):
+        assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
+
+
+def test_gradient_accumulation_equals_one_step_on_the_full_batch():
+    """Two micro-batches of 4 with --accum-steps 2 move the weights exactly as one batch of 8 (SGD, so
+    that the size of the gradient shows: Adam's first step would only see its sign)."""
+    import argparse
+    from model import build_model
+    g = torch.Generator().manual_seed(0)
+    full = {"images": torch.randn(8, 3, 32, 32, generator=g), "label": torch.randint(0, 5, (8,), generator=g)}
+    halves = [{k: v[:4] for k, v in full.items()}, {k: v[4:] for k, v in full.items()}]
+    results = []
+    for accum, batches in ((1, [full]), (2, halves)):
+        torch.manual_seed(0)
+        model = build_model("vit_tiny", "maa", "cls", vocab_size=40, image_size=32, patch_size=8, depth=2,
+                            fusion_layers=1, num_classes=5)
+        optimizer = torch.optim.SGD([{"params": list(model.parameters())}, {"params": []}], lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        args = argparse.Namespace(accum_steps=accum, clip_grad=0.0)
+        train.train_step(train.Objective(model), iter(batches), optimizer, scheduler, scaler,
+                         contextlib.nullcontext(), args, train.Meter())
+        results.append(model.state_dict())
+    for key in results[0]:
+        torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_gram_forward_feeds_each_expert_only_its_own_modality():
+    """RegMean's Grams are X^T X of each expert's inputs: the v experts must see image tokens only, the
+    l experts text tokens only, the vl experts the fused sequence (Fig. 2b), never the other's."""
+    import vlmerge
+    from model import build_model
+    torch.manual_seed(0)
+    model = build_model("vit_tiny", "msa", vocab_size=40, image_size=32, patch_size=8, depth=2,
+                        fusion_layers=1).eval()
+    batch = pretrain_batch()
+    seen = {}
+    hooks = [model.blocks[i].attn[m].qkv.register_forward_hook(
+        lambda mod, inp, out, key=(i, m): seen.setdefault(key, []).append(inp[0].shape[1]))
+        for i, m in ((0, "v"), (0, "l"), (1, "v"), (1, "l"), (1, "vl"))]
+    with torch.no_grad():
+        vlmerge.modality_forward(model, batch)
+    for h in hooks:
+        h.remove()
+    # token counts per call: 17 image tokens (16 patches + [CLS]), 6 text tokens, 23 fused
+    assert seen == {(0, "v"): [17], (0, "l"): [6], (1, "v"): [17], (1, "l"): [6], (1, "vl"): [23]}
 
 
 def test_recall_at_k_by_hand():
@@ -235,10 +318,12 @@ def test_finetuning_vqa_beats_chance(tmp_path):
 def test_finetuning_msa_on_a_vision_task_trains_only_the_vision_route(tmp_path):
     out = str(tmp_path / "cls")
     train.run(TINY + ["--task", "cls", "--variant", "msa", "--steps", "2", "--batch-size", "8", "--out", out])
-    args = json.load(open(os.path.join(out, "args.json")))
+    frozen = set(json.load(open(os.path.join(out, "args.json")))["frozen_parameters"])
     model = train.model_from_checkpoint(train.load_checkpoint(os.path.join(out, "ckpt.pt")))
-    language = [n for n, _ in model.named_parameters() if ".l." in n or ".vl." in n or n.startswith("word_embed")]
-    assert args["frozen_parameters"] == len(language) + 1  # + text_pos_embed
+    # Sec. 6.5: every language and fusion expert, and the text embeddings, stay as they were
+    language = {n for n, _ in model.named_parameters()
+                if ".l." in n or ".vl." in n or n.startswith(("word_embed.", "text_pos_embed"))}
+    assert frozen == language and "norm.l.weight" in frozen and "norm.v.weight" not in frozen
 
 
 # --- bad input ------------------------------------------------------------------------------------
@@ -325,3 +410,51 @@ def test_epochs_become_steps_from_the_data_size(tmp_path):
     train.run(TINY + ["--epochs", "0.01", "--batch-size", "32", "--out", out, "--precision", "fp32"])
     # 0.01 epochs of the 100 000 pre-training captions at batch 32 -> ceil(1000 / 32) = 32 steps
     assert train.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 32
+
+
+# --- DDP: a 2-rank gloo run killed and resumed is the uninterrupted run, on every rank -----------------
+
+def _train_rank(rank, world, port, argv, interrupt, rng_dir):
+    """One torchrun-like rank running train.run; `interrupt` kills it right after the first checkpoint
+    (every rank reaches the barrier that follows a save), as a pre-empted job would die."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    real_barrier = train.barrier
+
+    def barrier_then_die():
+        real_barrier()
+        raise KeyboardInterrupt
+    if interrupt:
+        train.barrier = barrier_then_die
+    try:
+        train.run(argv)
+        torch.save(torch.get_rng_state(), os.path.join(rng_dir, f"rng{rank}.pt"))  # where each rank's stream ended
+    except KeyboardInterrupt:
+        pass
+    finally:
+        train.barrier = real_barrier
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_rank_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path):
+    import torch.multiprocessing as mp
+    common = TINY + ["--steps", "4", "--batch-size", "8", "--precision", "fp32", "--log-every", "1",
+                     "--save-every", "2", "--lr", "1e-3", "--device", "cpu"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    for d in (full, cut):
+        os.makedirs(d)
+    mp.spawn(_train_rank, args=(2, free_port(), common + ["--out", full], False, full), nprocs=2, join=True)
+    mp.spawn(_train_rank, args=(2, free_port(), common + ["--out", cut], True, cut), nprocs=2, join=True)
+    assert train.load_checkpoint(os.path.join(cut, "ckpt.pt"))["step"] == 2
+    mp.spawn(_train_rank, args=(2, free_port(), common + ["--out", cut, "--resume"], False, cut), nprocs=2, join=True)
+    # logged losses are all-reduced over ranks: each rank's hard negatives (its own RNG) enter them
+    assert [r["loss"] for r in read_log(cut)] == [r["loss"] for r in read_log(full)]
+    a, b = (train.load_checkpoint(os.path.join(d, "ckpt.pt")) for d in (full, cut))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert len(b["rng"]) == 2 and not torch.equal(b["rng"][0]["torch"], b["rng"][1]["torch"])
+    for rank in (0, 1):  # every rank's random stream continued where its own left off
+        assert torch.equal(torch.load(os.path.join(full, f"rng{rank}.pt"), weights_only=True),
+                           torch.load(os.path.join(cut, f"rng{rank}.pt"), weights_only=True))

@@ -201,16 +201,28 @@ def test_pretrain_flops_match_the_flop_counter():
 def test_bench_quick_prints_a_table_with_finite_ratios(tmp_path):
     proc = cli("bench", "--quick", "--device", "cpu", "--json", str(tmp_path / "bench.json"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| benchmark | setting | ours | reference | ratio | target |" in proc.stdout
+    assert "| benchmark | setting | ours | reference | ratio | range | target |" in proc.stdout
     rows = json.load(open(tmp_path / "bench.json"))["rows"]
     names = {r["benchmark"] for r in rows}
     assert {"vision route fwd+bwd", "merge_modalities interpolation", "collect_grams", "distance tssd",
-            "synthetic world"} <= names
+            "synthetic world", "loader (RandAugment + MLM)"} <= names
+    no_reference = ("synthetic world", "state-dict copy (reference)")
     for r in rows:
-        if r["benchmark"] not in ("synthetic world",) and not r["benchmark"].startswith("pre-training"):
-            assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
-        else:  # no reference to divide by on CPU (MFU needs a GPU's peak): left empty, never NaN
-            assert r["ratio"] is None, r
+        if r["benchmark"] not in no_reference and not r["benchmark"].startswith("pre-training"):
+            lo, hi = r["range"]
+            assert math.isfinite(r["ratio"]) and 0 < lo <= r["ratio"] <= hi, r
+        else:  # no reference to divide by (MFU needs a GPU's peak): left empty, never NaN
+            assert r["ratio"] is None and r["range"] is None, r
+
+
+def test_bench_ratio_is_the_median_of_interleaved_pairs(monkeypatch):
+    calls, durations = [], iter([1.0, 2.0, 10.0, 30.0, 2.0, 3.0])  # (ref, ours) x 3 pairs, timed in turn
+    monkeypatch.setattr(vlmerge, "timed", lambda fn, device: (fn(), next(durations))[1])
+    t = vlmerge.paired_seconds(lambda: calls.append("ref"), lambda: calls.append("ours"), torch.device("cpu"),
+                               pairs=3, warmup=1)
+    assert calls == ["ref", "ours"] * 4  # one warm-up pair, then strictly alternating
+    # pair ratios 2, 3, 1.5: median 2, range 1.5-3; a slow pair (10 s / 30 s) moves both sides together
+    assert (t.ratio, t.lo, t.hi, t.ref, t.ours) == (2.0, 1.5, 3.0, 2.0, 3.0)
 
 
 def test_random_w0_is_one_timm_format_vit_that_every_model_loads(tmp_path):
