@@ -312,6 +312,15 @@ def test_distances_on_modality_vectors_by_hand():
     assert layers["norm"]["tau_ssd"] == pytest.approx(0.0) and layers["norm"]["l2"] == pytest.approx(2.0)
 
 
+def test_modality_vectors_subtract_the_shared_start_and_name_a_missing_key():
+    state, w0 = hand_msa()
+    tau_v, tau_l = merge.modality_vectors(state, w0)
+    assert list(tau_v) == ["blocks.0.fc.weight", "norm.weight"]  # experts only: embeddings are not merged
+    assert tau_v["norm.weight"].tolist() == [0.5, 0.0] and tau_l["blocks.0.fc.weight"].tolist() == [-1.0, 1.0]
+    with pytest.raises(KeyError, match="'norm.weight': missing from init_state"):
+        merge.modality_vectors(state, {"blocks.0.fc.weight": torch.ones(2)})
+
+
 def test_distance_command_prints_a_per_layer_table_and_takes_init_state(tmp_path):
     state, w0 = hand_msa()
     torch.save(state, tmp_path / "msa.pt")
