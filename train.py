@@ -340,12 +340,16 @@ def save_checkpoint(path, checkpoint: dict):
     os.replace(tmp, path)
 
 
-def write_json(path, obj):
-    """JSON written like a checkpoint: temp file, then rename."""
+def write_text(path, text: str):
+    """A report written like a checkpoint: temp file, then rename (a reader never sees half of it)."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def load_checkpoint(path) -> dict:

@@ -843,8 +843,7 @@ def run_recipe(args) -> dict:
         return results
     train.write_json(os.path.join(out, "results.json"), results)
     report = write_report(json.loads(json.dumps(results)))  # exactly what results.json holds
-    with open(os.path.join(out, "REPORT.md"), "w") as f:
-        f.write(report)
+    train.write_text(os.path.join(out, "REPORT.md"), report)
     plot_sweeps(results, os.path.join(out, "sweeps.png"))
     print(report)
     return results
@@ -1303,10 +1302,7 @@ def write_temporal(r, out):
                   ""]
     for t in r["layout"]:
         lines += [f"## {t['title']}", "", table(t["header"], [[layout_value(r, ref) for ref in row] for row in t["rows"]]), ""]
-    tmp = os.path.join(out, f"TEMPORAL.md.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, os.path.join(out, "TEMPORAL.md"))
+    train.write_text(os.path.join(out, "TEMPORAL.md"), "\n".join(lines))
     plot_temporal(r, os.path.join(out, "temporal.png"))
     print("\n".join(lines))
 
