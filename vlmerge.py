@@ -775,13 +775,21 @@ def stage_seconds(models):
     return total
 
 
-def plot_sweeps(r, path):
-    """Fig. 3 and Table 2 as a picture, when matplotlib is installed (an optional extra)."""
+def pyplot():
+    """matplotlib.pyplot on a file-only backend, or None: plots are an optional extra, never required."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_sweeps(r, path):
+    """Fig. 3 and Table 2 as a picture, when matplotlib is installed (an optional extra)."""
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     sweep = r["over_seeds"]["fig3"]
@@ -1309,11 +1317,8 @@ def write_temporal(r, out):
 
 def plot_temporal(r, path):
     """A_KA and A_ZS over t for the headline cells, when matplotlib is installed (an optional extra)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for name in [n for n in ("ema/ema", "ft/ft", "zs/all", "paint", "base") if n in r["cells"]] or list(r["cells"]):
