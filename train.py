@@ -735,6 +735,8 @@ def fit(args, model, train_set, eval_set=None, tokenizer=None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     model.to(device)
+    # image-only tasks on real files (cls, seg without --vocab) have no tokenizer and never tokenize: the
+    # collator still wants one, and the synthetic world's small one serves
     collate_train, collate_eval = collators(args, tokenizer or data.SyntheticWorld().tokenizer())
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
@@ -815,6 +817,9 @@ class Meter:
     """Running sums of the logged losses, kept on the device until `flush` (no per-step host sync)."""
 
     def __init__(self):
+        self.reset()
+
+    def reset(self):
         self.sums, self.steps, self.samples, self.t0 = {}, 0.0, 0, time.time()
 
     def add(self, parts, accum_steps, samples):
@@ -826,7 +831,7 @@ class Meter:
     def flush(self, step, lr, world) -> dict:
         record = reduce_logs(self.sums, round(self.steps))
         record |= {"step": step, "lr": lr, "samples_per_s": self.samples * world / (time.time() - self.t0)}
-        self.__init__()
+        self.reset()
         return record
 
 
