@@ -9,7 +9,9 @@ Fig. 1; Dziadzio et al. 2025).
     python vlmerge.py bench --quick                   # speed and memory vs references
 
 The recipe (`recipe`), stage by stage -- each stage is an ordinary train.py run or a merge, its
-output under OUT/<stage>/, reused when its metrics.json exists (so an interrupted recipe resumes):
+output under OUT/<stage>/ with a record of what it was made from (its flags and the content of its input
+files). A stage is reused when that record matches, so an interrupted recipe resumes; a stage whose flags or
+parent changed is made anew, and so is everything downstream of it:
   0. init      the shared starting point W⁰: the paper uses BEiT, an image-only ViT; with nothing to
                download we pre-train a plain ViT on the synthetic images (image classification) and
                save it as a timm-format state dict, loaded through model.load_vit_weights.
@@ -33,17 +35,21 @@ the expert starts from, train.fit trains it, it is stored, the deploy phase pick
 those are scored on every task and on a retention set. `--grid` runs every cell of the paper's grid and the
 findings T1–T6; see run_temporal.
 
-How this file reads: presets and the paper's numbers; merging a checkpoint file; the recipe (the Recipe
-class, then its report); merging over time (run_temporal, then its stages, metrics and report); bench; the
-other commands and the command line.
+How this file reads, top down: presets and the paper's numbers; the recipe (Recipe, its stage cache, run_recipe);
+its report; its statistics and distances; merging a checkpoint file (shared with the `merge` command); merging
+over time (run_temporal, then its stages, metrics and report); bench and its timing machinery (paired timing,
+peak memory, FLOP counts); the other commands and the command line.
 """
 import argparse
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import statistics
 import sys
 import time
@@ -56,6 +62,7 @@ import data
 import merge
 import train
 from model import ARCHS, VARIANTS, build_model, is_backbone_key
+
 
 # ----------------------------------------------------------------------------------------------
 # Presets: one small dataclass, three instances.
@@ -133,14 +140,636 @@ METRICS = {"l2": merge.l2_distance, "cosine": merge.cosine_dissimilarity, "ssd":
 # the Table 2 sweeps: method -> (its option, the preset field of its values, its symbol)
 SWEEPS = {"interpolation": ("alpha", "alphas", "α"), "modality_arithmetic": ("lam", "lams", "λ"),
           "regmean": ("gamma", "gammas", "γ")}
+TABLE5_METRICS = [*METRICS, *(f"tau_{m}" for m in METRICS)]  # on the weights W_m, and on τ_m = W_m − W⁰
 
 
 def fmt(x, digits=2):
     return "–" if x is None else f"{x:.{digits}f}"
 
 
-TABLE5_METRICS = [*METRICS, *(f"tau_{m}" for m in METRICS)]  # on the weights W_m, and on τ_m = W_m − W⁰
+# ----------------------------------------------------------------------------------------------
+# The recipe.
 
+@dataclasses.dataclass
+class Model:
+    """One model of the recipe, as results.json keeps it under "models"[name]. A merge names the model it was
+    merged from (`source`), its `method` and option `value`; `w0` names the model every expert started from
+    (W⁰ of modality arithmetic and of the τ distances)."""
+    name: str
+    ckpt: str
+    variant: str
+    w0: str | None = None
+    source: str | None = None
+    method: str | None = None
+    value: float | None = None
+    zero_shot: dict = dataclasses.field(default_factory=dict)      # test split: what the tables report
+    zero_shot_val: dict = dataclasses.field(default_factory=dict)  # val split: what selection reads
+    finetune: dict = dataclasses.field(default_factory=dict)       # task -> [metrics of each fine-tuning seed]
+
+
+def merges_of(models: dict, source: str, method: str) -> dict:
+    """{option value: model} of the merges of `source` by `method`; models as results.json keeps them."""
+    return {m["value"]: m for m in models.values() if m["source"] == source and m["method"] == method}
+
+
+@functools.lru_cache(maxsize=None)
+def _digest(path, size, mtime_ns):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
+def fingerprint(path) -> str:
+    """A file's content hash (computed once per size and mtime): what the stage cache compares. Content, not
+    mtime, so that a copied run directory is still a valid cache."""
+    st = os.stat(path)
+    return _digest(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+class Recipe:
+    """Runs the stages of the module docstring, caching each under OUT/<stage>/.
+
+    The cache knows what each output was made from (`made_from`: the command line and the content of every
+    file it read, kept beside it). An output made from anything else -- other flags, a parent stage that ran
+    again -- is removed and made anew, and so is everything downstream of it, whose parent file has changed."""
+
+    def __init__(self, preset: Preset, out: str, init=None, dry_run=False, seeds=1):
+        self.p, self.out, self.init, self.dry_run, self.seeds = preset, out, init, dry_run, seeds
+        self.plan = []  # the train.py command lines, for --dry-run and the report
+        self.models: dict[str, Model] = {}
+        self.seconds = {}  # stage -> seconds of the train.py run that made it (reused runs included)
+        self.gram_cache = {}  # model name -> RegMean's Gram matrices
+        os.makedirs(out, exist_ok=True)
+
+    # -- running one stage, and the cache ---------------------------------------------------------
+    def flags(self, task="pretrain", image_size=True):
+        """The shape and data flags of a stage; image_size=False leaves the size to train.py's profile
+        (Table 6 fine-tunes at 384 / 480 px: the position embedding is resized on loading)."""
+        p = self.p
+        size = ["--image-size", str(p.image_size)] if image_size else []
+        return ["--arch", p.arch, "--depth", str(p.depth), "--fusion-layers", str(p.fusion_layers), *size,
+                "--patch-size", str(p.patch_size), "--max-len", str(p.max_len),
+                "--precision", p.precision, "--eval-split", p.eval_split, "--quiet", *p.data.get(task, [])]
+
+    def made_from(self, argv, **extra) -> dict:
+        """What an output is made from: a command line (paths under OUT written relative to it, so the run
+        directory may move) and the content of every file it names."""
+        rel = lambda a: "OUT/" + os.path.relpath(a, self.out) if a.startswith(self.out + os.sep) else a  # noqa: E731
+        return {"argv": [rel(a) for a in argv], **extra,
+                "inputs": {rel(a): fingerprint(a) for a in argv if os.path.isfile(a)}}
+
+    def cached(self, output, record, made_from) -> bool:
+        """Whether `output` exists and its `record` says it was made from `made_from`. If not, the stale
+        output is reported and removed (the caller makes it anew)."""
+        if not os.path.exists(output):
+            return False
+        old = json.load(open(record)) if os.path.exists(record) else None
+        if old == made_from:
+            return True
+        changed = "no record of its inputs" if old is None else ", ".join(
+            k for k in made_from if old.get(k) != made_from[k]) + " changed"
+        print(f"recipe: re-making {output} ({changed})", file=sys.stderr)
+        os.remove(output)
+        return False
+
+    def stage(self, name, argv) -> dict:
+        """One train.py run under OUT/name, reused when its metrics.json was made from the same inputs."""
+        out = os.path.join(self.out, name)
+        argv = argv + ["--out", out]
+        self.plan.append("python train.py " + " ".join(argv))
+        if self.dry_run:
+            build_only(argv)
+            return {}
+        made_from, record = self.made_from(argv), os.path.join(out, "made_from.json")
+        metrics_path = os.path.join(out, "metrics.json")
+        if not self.cached(metrics_path, record, made_from):
+            shutil.rmtree(out, ignore_errors=True)  # a stale run's log, checkpoints and snapshots go with it
+            train.run(argv)
+            train.write_json(record, made_from)
+        with open(metrics_path) as f:
+            metrics = json.load(f)
+        self.seconds[name] = metrics.get("seconds", 0.0)
+        return metrics
+
+    def batch(self):
+        """The preset's batch is global (Sec. 5: 1024); train.py splits it over the ranks under torchrun."""
+        return str(self.p.batch_size)
+
+    def ckpt(self, name):
+        return os.path.join(self.out, name, "ckpt.pt")
+
+    def add(self, name, ckpt, variant, **fields) -> str:
+        self.models[name] = Model(name, ckpt, variant, **fields)
+        return name
+
+    # -- stage 0: the image-only initialization W⁰ ------------------------------------------------
+    def initialization(self) -> str:
+        """W⁰, a timm-format ViT file that every model of the recipe loads: --init, else stage 0 --
+        image-only pre-training for init_steps, or with init_steps=0 a random init (saved all the same,
+        so that maa, msa and the seeds still start from one and the same W⁰)."""
+        if self.init:
+            self.add("init_vit", self.init, "maa")
+            return self.init
+        if self.p.init_steps is None:
+            raise ValueError("preset needs --init PATH (a timm-format ViT, e.g. BEiT converted): it has no stage 0")
+        path = os.path.join(self.out, "init_vit", "vit.pt")
+        self.add("init_vit", path, "maa")
+        if self.p.init_steps > 0:
+            self.stage("init_vit", self.flags("cls") + [
+                "--task", "cls", "--variant", "maa", "--steps", str(self.p.init_steps),
+                "--batch-size", self.batch(), "--lr", str(self.p.lr)])
+        if self.dry_run:
+            return path
+        parent = [self.ckpt("init_vit")] if self.p.init_steps > 0 else []
+        made_from = self.made_from(parent, stage0=self.flags("cls") + ["--steps", str(self.p.init_steps)])
+        if self.cached(path, path + ".json", made_from):
+            return path
+        if self.p.init_steps > 0:
+            state = train.load_checkpoint(self.ckpt("init_vit"))["model"]
+        else:
+            torch.manual_seed(0)
+            state = build_model(self.p.arch, "maa", "pretrain", vocab_size=2, image_size=self.p.image_size,
+                                patch_size=self.p.patch_size, depth=self.p.depth,
+                                fusion_layers=self.p.fusion_layers).state_dict()
+        # maa keys are timm's keys: keep the backbone, rename a classifier to timm's `head`
+        vit = {k: v for k, v in state.items() if is_backbone_key(k)}
+        vit |= {"head." + k.split(".")[-1]: v for k, v in state.items() if k.startswith("cls_head.")}
+        train.save_checkpoint(path, vit)
+        train.write_json(path + ".json", made_from)
+        return path
+
+    # -- stages 1-2: pre-training ------------------------------------------------------------------
+    def pretraining(self, w0, seed) -> dict:
+        """Stages 1-2 for one pre-training seed: maa (keeping the K_seed snapshots), msa, and the seeded msa of
+        every K_seed, each msa merged with α = 0.5 (the merging baseline; Fig. 3, Table 5). Returns the names."""
+        p, at = self.p, run_prefix(seed)
+        fracs = sorted({*p.seed_fracs, p.default_frac})
+        maa = self.pretrain(at + "maa", "maa", p.pretrain_steps, w0, seed, keep_at=[self.k_seed(f) for f in fracs])
+        msa = self.pretrain(at + "msa", "msa", p.pretrain_steps, w0, seed, w0="init_vit")
+        sweep = [{"frac": 0.0, "before": msa}] + [{"frac": f, "before": self.seeded("msa", f, seed)} for f in fracs]
+        for point in sweep:
+            point |= {"steps": self.k_seed(point["frac"]), "after": self.merged(point["before"], "interpolation", 0.5)}
+        return {"seed": seed, "maa": maa, "msa": msa, "sweep": sweep}
+
+    def pretrain(self, name, variant, steps, init, seed=0, keep_at=(), w0=None):
+        extra = ["--keep-at", *map(str, keep_at)] if keep_at else []
+        metrics = self.stage(name, self.flags() + ["--variant", variant, "--steps", str(steps), "--init", init,
+                                                   "--batch-size", self.batch(), "--lr", str(self.p.lr),
+                                                   "--seed", str(seed), *extra])
+        return self.add(name, self.ckpt(name), variant, w0=w0, zero_shot=metrics)
+
+    def k_seed(self, frac):
+        return round(frac * self.p.pretrain_steps)
+
+    def seeded(self, variant, frac, seed=0):
+        """Seed pre-training (Sec. 4.3): maa for K_seed steps, then `variant` from it for K_VL = K - K_seed.
+
+        The maa seed is the step-K_seed snapshot of the maa baseline run (kept with --keep-at), so the
+        whole K_seed sweep costs one maa run instead of one per point. It is also the model's W⁰."""
+        at, k_seed = run_prefix(seed), self.k_seed(frac)
+        snapshot = train.snapshot_path(os.path.join(self.out, at + "maa"), k_seed)
+        if not self.dry_run and not os.path.exists(snapshot):
+            raise FileNotFoundError(f"{snapshot}: the maa run kept no snapshot at step {k_seed}; "
+                                    f"delete {os.path.join(self.out, at + 'maa')} to re-run it with this preset")
+        w0 = self.add(f"{at}seed{frac}", snapshot, "maa")
+        return self.pretrain(f"{at}{variant}_seed{frac}", variant, self.p.pretrain_steps - k_seed, snapshot, seed,
+                             w0=w0)
+
+    # -- stage 3: merging -------------------------------------------------------------------------
+    def merged(self, source, method, value):
+        """Merge model `source` and score it zero-shot (3b). Returns the merged model's name."""
+        option = SWEEPS[method][0]
+        name = f"{source}~{method}{value}"  # a file name; the record says what it is
+        if name in self.models:
+            return name
+        model = self.models[source]
+        init = self.models[model.w0].ckpt if method == "modality_arithmetic" else None  # W_0 (Sec. 4.1)
+        path = os.path.join(self.out, "merged", f"{name}.pt")
+        self.plan.append(f"python vlmerge.py merge {model.ckpt} --method {method} --{option} {value} -o {path}")
+        if not self.dry_run:
+            grams = {"samples": self.p.gram_samples, "data": self.p.data.get("pretrain")} if method == "regmean" else {}
+            made_from = self.made_from([model.ckpt] + ([init] if init else []), merge=[method, option, value], **grams)
+            if not self.cached(path, path + ".json", made_from):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                checkpoint = train.load_checkpoint(model.ckpt)
+                w0 = train.load_checkpoint(init) if init else None
+                grams = self.grams(source, checkpoint) if method == "regmean" else None
+                train.save_checkpoint(path, merge_checkpoint(checkpoint, method, w0, grams, **{option: value}))
+                train.write_json(path + ".json", made_from)
+        self.add(name, path, "maa", source=source, method=method, value=value)
+        # scored on test (the tables) and on val (model selection: select_on_val)
+        for key, split in (("zero_shot", self.p.eval_split), ("zero_shot_val", "val")):
+            setattr(self.models[name], key, self.stage(f"{key}/{name}", self.flags() + [
+                "--variant", "maa", "--eval-only", "--init", path, "--eval-split", split]))
+        return name
+
+    def grams(self, source, checkpoint):
+        """RegMean's Gram matrices of `source`, collected once (they do not depend on γ) on the run's device
+        from the pre-training data of the preset (its data config), with that data's tokenizer."""
+        if source not in self.gram_cache:
+            batches = gram_batches(checkpoint, self.p.gram_samples, GRAM_BATCH, self.p.data.get("pretrain"))
+            self.gram_cache[source] = checkpoint_grams(checkpoint, batches, default_device())
+        return self.gram_cache[source]
+
+    # -- stage 4: fine-tuning ---------------------------------------------------------------------
+    def finetune(self, name, task, seed=0):
+        model = self.models[name]
+        steps = self.p.finetune[task]
+        suffix = f"_s{seed}" if seed else ""
+        common = ["--task", task, "--variant", model.variant, "--init", model.ckpt, "--seed", str(seed)]
+        if steps is None:  # train.py --paper: Table 6's image size, lr, global batch and epochs for this task
+            argv = self.flags(task, image_size=False) + common + ["--paper"]
+        else:
+            argv = self.flags(task) + common + ["--steps", str(steps), "--batch-size", self.batch(),
+                                                "--lr", str(self.p.finetune_lr), "--warmup", str(steps // 10)]
+        metrics = self.stage(f"finetune/{task}/{name}{suffix}", argv)
+        model.finetune.setdefault(task, []).append(metrics)
+        return metrics
+
+    # -- the whole pipeline -----------------------------------------------------------------------
+    def run(self) -> dict:
+        p = self.p
+        w0 = self.initialization()
+        # 1-2. Table 1's pre-trained models and Fig. 3's K_seed sweep, once per pre-training seed
+        runs = [self.pretraining(w0, seed) for seed in range(self.seeds)]
+        # 3. the three methods on the recipe's msa of the first seed (Table 2)
+        ours = sweep_point(runs[0], p.default_frac)["before"]
+        for method, (_, field, _) in SWEEPS.items():
+            for value in getattr(p, field):
+                self.merged(ours, method, value)
+        # α, λ, γ and the method chosen on val (the paper's "α ≈ 0.75" would be a choice made on test)
+        selection = {} if self.dry_run else select_on_val(self.records(), ours, dataclasses.asdict(p))
+        chosen = selection["best"] if selection else {"method": "interpolation", "value": 0.75}
+        method, value = chosen["method"], chosen["value"]
+        alpha = selection["interpolation"]["value"] if selection else 0.75
+        # 4. fine-tuning (Tables 1, 3): maa, msa, merging baseline, ours (the val choice) of every seed
+        tables = [{"maa": run["maa"], "msa": run["msa"], "merging_baseline": run["sweep"][0]["after"],
+                   "ours": self.merged(sweep_point(run, p.default_frac)["before"], method, value)} for run in runs]
+        best = tables[0]["ours"]
+        for task in p.finetune:  # Table 1's tasks on every seed, Table 3's on the first
+            for name in (name for t in (tables if task in SPREAD else tables[:1]) for name in t.values()):
+                self.finetune(name, task)
+        for seed in range(1, p.finetune_seeds):           # seed-to-seed spread of the headline numbers
+            for task in SPREAD:
+                if task in p.finetune:
+                    self.finetune(best, task, seed)
+        sweeps = [m.name for m in self.models.values() if m.source == ours and m.name != best]
+        for name in sweeps if p.finetune_sweeps and "vqa" in p.finetune else []:
+            self.finetune(name, "vqa")                     # Table 2 after fine-tuning, as the paper reports
+        # 4b. the shared-weight variants (Fig. 4)
+        ablation = {}
+        if p.ablation:
+            for variant in ("custom_attn", "custom_ffn", "custom_ln"):
+                before = self.seeded(variant, p.default_frac)
+                after = self.merged(before, "interpolation", alpha)
+                for name in (before, after):
+                    self.finetune(name, "vqa")
+                ablation[variant] = {"before": before, "after": after}
+        ablation["msa"] = {"before": ours, "after": self.merged(ours, "interpolation", alpha)}
+        for name in ablation["msa"].values() if "vqa" in p.finetune else []:
+            if "vqa" not in self.models[name].finetune:
+                self.finetune(name, "vqa")                 # the msa before merging (Fig. 4), after if not yet
+        # 5. distances vs the merge drop over every (seed, K_seed) point (Table 5)
+        table5 = self.distance_table(runs)
+        return {"table": tables[0], "tables": tables, "sweeps": [run["sweep"] for run in runs],
+                "ablation": ablation, "table5": table5, "selection": selection}
+
+    def records(self) -> dict:
+        """The models as results.json keeps them: name -> the fields of Model."""
+        return {name: dataclasses.asdict(model) for name, model in self.models.items()}
+
+    def distance_table(self, runs):
+        """Table 5: the metrics between the v and l experts, on the weights and on τ_m = W_m − W⁰ (W⁰: what the
+        msa started from), and the merge drop, for every (seed, K_seed) point; Pearson r with a 95% interval."""
+        rows = {}
+        for run in runs:
+            for point in run["sweep"] if not self.dry_run else []:
+                model, after = self.models[point["before"]], self.models[point["after"]]
+                state = train.load_checkpoint(model.ckpt)["model"]
+                init = train.load_checkpoint(self.models[model.w0].ckpt)["model"]
+                drop = model.zero_shot["avg"] - after.zero_shot["avg"]
+                rows[model.name] = {"seed": run["seed"], "frac": point["frac"], **distances(state, init_state=init),
+                                    "drop": drop}
+        drops = [r["drop"] for r in rows.values()]
+        corr = {m: pearson([r[m] for r in rows.values()], drops) for m in TABLE5_METRICS}
+        interval = {m: pearson_interval(r, len(rows)) for m, r in corr.items()}
+        leave_one_out = {m: pearson_range([r[m] for r in rows.values()], drops) for m in TABLE5_METRICS}
+        return {"rows": rows, "correlation": corr, "interval": interval, "leave_one_out": leave_one_out,
+                "points": len(rows)}
+
+
+def build_only(argv):
+    """--dry-run: check a stage's flags and build its model (on the meta device: no memory)."""
+    args = train.resolve_defaults(train.build_parser().parse_args(argv))  # not parse_args: no file is read
+    with torch.device("meta"):
+        train.model_from_args(args, vocab_size=30522)
+
+def read_data_config(path, preset) -> dict:
+    """--data-config: {task: [train.py data flags]} for pre-training and every task the preset fine-tunes
+    (and "cls" when it has a stage 0). Each entry must name evaluation data, so that no stage is left
+    without a score; a missing or score-less entry is one error naming the task."""
+    config = data._read_json(path)  # a malformed file: one error naming its line
+    tasks = ["pretrain", *preset.finetune] + (["cls"] if preset.init_steps else [])
+    for task in dict.fromkeys(tasks):
+        flags = config.get(task) if isinstance(config, dict) else None
+        if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+            raise ValueError(f"--data-config {path}: {task!r} needs a list of train.py flags (the preset runs "
+                             f"{', '.join(dict.fromkeys(tasks))})")
+        if not train.names_evaluation(train.parse_args(["--task", task, *flags])):
+            raise ValueError(f"--data-config {path}: {task!r} names no evaluation data (--eval-data"
+                             f"{', --eval-annotations' if task == 'vqa' else ''}): its stages would have no score")
+    return config
+
+
+def run_recipe(args) -> dict:
+    preset = PRESETS[args.preset]
+    if args.ablation:
+        preset = dataclasses.replace(preset, ablation=True)
+    if args.data_config:
+        preset = dataclasses.replace(preset, data=read_data_config(args.data_config, preset))
+    out = args.out or os.path.join("runs", f"recipe_{args.preset}")
+    if args.seeds < 1:
+        raise ValueError(f"--seeds {args.seeds}: give at least 1")
+    recipe = Recipe(preset, out, init=args.init, dry_run=args.dry_run, seeds=args.seeds)
+    start = time.time()
+    layout = recipe.run()
+    if args.dry_run:
+        print("\n".join(recipe.plan))
+        return {"plan": recipe.plan}
+    results = {"preset_name": args.preset, "preset": dataclasses.asdict(preset), "paper": PAPER,
+               "models": recipe.records(), **layout, "seconds": time.time() - start,
+               # every train.py stage the results came from, reused ones included
+               "stage_seconds": sum(recipe.seconds.values()),
+               "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"}
+    results["spread"] = spread(results["models"][layout["table"]["ours"]])
+    results["over_seeds"] = over_seeds(results)
+    results["findings"] = findings(results)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 writes the report
+        return results
+    train.write_json(os.path.join(out, "results.json"), results)
+    report = write_report(json.loads(json.dumps(results)))  # exactly what results.json holds
+    train.write_text(os.path.join(out, "REPORT.md"), report)
+    plot_sweeps(results, os.path.join(out, "sweeps.png"))
+    print(report)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# The report: every number in it is read from results.json.
+
+def first(model, task, key):
+    runs = model.get("finetune", {}).get(task)
+    return runs[0].get(key) if runs else None
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def stats(values) -> dict | None:
+    """Mean and std over pre-training seeds (std None for one seed); None when no seed has the number."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+def pm(st, show=fmt):
+    """A cell: mean ± std over seeds, the mean alone for one seed."""
+    if st is None:
+        return "–"
+    return show(st["mean"]) if st["std"] is None else f"{show(st['mean'])} ± {show(st['std'])}"
+
+
+TABLE1_COLUMNS = {"vqa": ("vqa", "vqa_score"), "tr_avg": ("retrieval", "tr_avg"), "ir_avg": ("retrieval", "ir_avg")}
+
+
+def over_seeds(r) -> dict:
+    """Table 1, Fig. 3 and Table 5 as mean ± std over the pre-training seeds (what the report prints)."""
+    m = r["models"]
+
+    def cell(name, column):
+        return m[name]["zero_shot"].get("avg") if column == "zero_shot" else first(m[name], *TABLE1_COLUMNS[column])
+    table1 = {label: {c: stats([cell(t[label], c) for t in r["tables"]]) for c in [*TABLE1_COLUMNS, "zero_shot"]}
+              for label in r["table"]}
+    fig3 = []
+    for i, point in enumerate(r["sweeps"][0]):
+        before = [m[sweep[i]["before"]]["zero_shot"]["avg"] for sweep in r["sweeps"]]
+        after = [m[sweep[i]["after"]]["zero_shot"]["avg"] for sweep in r["sweeps"]]
+        fig3.append({"frac": point["frac"], "steps": point["steps"], "before": stats(before), "after": stats(after),
+                     "drop": stats([b - a for b, a in zip(before, after)])})
+    rows = list(r["table5"]["rows"].values())
+    table5 = [{"frac": point["frac"], **{k: stats([row[k] for row in rows if row["frac"] == point["frac"]])
+                                         for k in [*TABLE5_METRICS, "drop"]}} for point in r["sweeps"][0]]
+    return {"seeds": len(r["tables"]), "table1": table1, "fig3": fig3, "table5": table5}
+
+
+def seeds_note(r):
+    n = r["over_seeds"]["seeds"]
+    return f" Mean ± std over {n} pre-training seeds." if n > 1 else ""
+
+
+def section_table1(r):
+    rows = []
+    for label, cells in r["over_seeds"]["table1"].items():
+        paper = PAPER["table1"].get(label, [None] * 3)
+        rows.append([label, *(pm(cells[c]) for c in [*TABLE1_COLUMNS, "zero_shot"]), *map(fmt, paper)])
+    return "## Table 1 — merging a modality-specific model, with and without seed pre-training\n\n" + table(
+        ["model", "VQA", "TR avg", "IR avg", "zero-shot R avg", "paper VQA", "paper TR", "paper IR"], rows) + \
+        "\n\nVQA = VQA score of the fine-tuned model; TR/IR avg = mean of R@1/5/10 after retrieval fine-tuning; " \
+        "zero-shot = mean of TR/IR avg of the pre-trained (or merged) model, before fine-tuning; ours = the merge " \
+        "chosen on val (Table 2)." + seeds_note(r)
+
+
+def section_fig3(r):
+    rows = [[fmt(p["frac"]), p["steps"], pm(p["before"]), pm(p["after"]), pm(p["drop"])]
+            for p in r["over_seeds"]["fig3"]]
+    return "## Fig. 3 — the length of seed pre-training (zero-shot retrieval, merged by interpolation α = 0.5)\n\n" + \
+        table(["K_seed / K", "K_seed steps", "msa before merging", "after merging", "drop"], rows) + \
+        ("\n\n" + seeds_note(r).strip() if seeds_note(r) else "")
+
+
+def section_table2(r):
+    sel = r["selection"]
+    parts = []
+    for method, (_, field, symbol) in SWEEPS.items():
+        rows = []
+        merges = merges_of(r["models"], sel["source"], method)
+        for v in r["preset"][field]:
+            m = merges[v]
+            paper = PAPER["table2"][method].get(v, [None] * 3)
+            rows.append([v, fmt(m["zero_shot"]["tr_avg"]), fmt(m["zero_shot"]["ir_avg"]),
+                         fmt(m["zero_shot_val"]["avg"]), "✓" if v == sel[method]["value"] else "",
+                         fmt(first(m, "vqa", "vqa_score")), *map(fmt, paper)])
+        parts.append(f"### {method} ({symbol})\n\n" + table(
+            [symbol, "zero-shot TR avg", "zero-shot IR avg", "val R avg", "chosen on val", "VQA (fine-tuned)",
+             "paper VQA", "paper TR", "paper IR"], rows))
+    best = sel["best"]
+    return "## Table 2 — merging methods on the seeded msa (ours: right after merging; paper: after fine-tuning)\n\n" + \
+        "\n\n".join(parts) + f"\n\nEach value is chosen by zero-shot retrieval on val, then the best method: " \
+        f"{best['method']} {SWEEPS[best['method']][2]} = {best['value']} (val {fmt(best['val'])}, test " \
+        f"{fmt(best['test'])}) is `ours` in Table 1. Test scores are reported, never used to choose."
+
+
+def section_table3(r):
+    tasks = [t for t in ("nlvr2", "cls", "seg") if t in r["preset"]["finetune"]]
+    if not tasks:
+        return ""
+    keys = {"nlvr2": "accuracy", "cls": "accuracy", "seg": "miou"}
+    rows = [[label, *[fmt(first(r["models"][name], t, keys[t])) for t in tasks], *map(fmt, PAPER["table3"][label])]
+            for label, name in r["table"].items()]
+    header = ["model", *[{"nlvr2": "NLVR2 acc", "cls": "cls top-1", "seg": "seg mIoU"}[t] for t in tasks],
+              "paper NLVR2", "paper ImageNet", "paper ADE20k"]
+    return "## Table 3 — more tasks (classification and segmentation fine-tune the vision route only)\n\n" + \
+        table(header, rows)
+
+
+def section_fig4(r):
+    rows = []
+    for variant, names in r["ablation"].items():
+        before, after = r["models"][names["before"]], r["models"][names["after"]]
+        rows.append([variant, fmt(first(before, "vqa", "vqa_score")), fmt(first(after, "vqa", "vqa_score")),
+                     fmt(before["zero_shot"]["avg"]), fmt(after["zero_shot"]["avg"])])
+    rows.append(["maa (reference)", fmt(first(r["models"]["maa"], "vqa", "vqa_score")), "–",
+                 fmt(r["models"]["maa"]["zero_shot"]["avg"]), "–"])
+    alpha = r["selection"]["interpolation"]["value"]
+    return f"## Fig. 4 — shared-weight architectures, before and after merging (α = {alpha}, chosen on val)\n\n" + table(
+        ["variant", "VQA before", "VQA after", "zero-shot before", "zero-shot after"], rows)
+
+
+def section_table5(r):
+    t5, points = r["table5"], r["over_seeds"]["table5"]
+    # three significant digits: TSSD of barely-trained experts is orders of magnitude below L2
+    sig3 = lambda x: f"{x:.3g}"  # noqa: E731
+    rows = []
+    for metric in TABLE5_METRICS:
+        interval, loo = t5["interval"][metric], t5["leave_one_out"][metric]
+        r_cell = fmt(t5["correlation"][metric], 3)
+        r_cell += f" [{fmt(interval[0], 3)}, {fmt(interval[1], 3)}]" if interval else ""
+        loo_cell = f"{fmt(loo[0], 3)} to {fmt(loo[1], 3)}" if loo else "–"
+        paper = PAPER["table5"].get(metric, [None])[-1]
+        label = f"{metric[4:]} of τ" if metric.startswith("tau_") else metric
+        rows.append([label, *[pm(point[metric], sig3) for point in points], r_cell, loo_cell, fmt(paper, 3)])
+    rows.append(["merge drop (zero-shot R avg)", *[pm(point["drop"]) for point in points], "", "", ""])
+    return "## Table 5 — distance between the vision and language experts vs the merge drop\n\n" + table(
+        ["metric", *[f"K_seed/K = {fmt(point['frac'])}" for point in points],
+         f"Pearson r with drop [95% CI] over {t5['points']} points", "r leaving one point out", "paper r"], rows) + \
+        "\n\nThe metrics on the weights W_v, W_l (the paper's) and on the modality vectors τ_m = W_m − W⁰, " \
+        "W⁰ being what the msa started from (the seed checkpoint; the init ViT at K_seed = 0). r is over every (seed, " \
+        "K_seed) point; its interval is Fisher's z." + seeds_note(r)
+
+
+def findings(r) -> list:
+    """(claim, paper's direction, ours, replicates?) -- computed, never written by hand; every choice of α, γ or
+    method is the one made on val (`select_on_val`), every number a test score (mean over seeds where there are)."""
+    m, sel, fig3 = r["models"], r["selection"], r["over_seeds"]["fig3"]
+    zs = lambda method, v: merges_of(m, sel["source"], method)[v]["zero_shot"]["avg"]  # noqa: E731
+    no_seed = fig3[0]
+    seeded = next(p for p in fig3 if p["frac"] == r["preset"]["default_frac"])
+    out = [("Merging without seed pre-training loses much of the msa's performance (Table 1)",
+            f"msa {fmt(no_seed['before']['mean'])} → merged {fmt(no_seed['after']['mean'])}",
+            no_seed["drop"]["mean"] > 0),
+           ("Seed pre-training shrinks the merge drop (Sec. 6.1)",
+            f"drop {fmt(no_seed['drop']['mean'])} without seed vs {fmt(seeded['drop']['mean'])} with K_seed/K = "
+            f"{r['preset']['default_frac']}", seeded["drop"]["mean"] < no_seed["drop"]["mean"])]
+    a = {v: zs("interpolation", v) for v in r["preset"]["alphas"]}
+    alpha = sel["interpolation"]["value"]
+    out.append(("Interpolation: α ≈ 0.5–0.75 beats either expert alone (Table 2a)",
+                f"α = {alpha} (chosen on val) {fmt(a[alpha])} vs α=0 {fmt(a.get(0.0))}, α=1 {fmt(a.get(1.0))}",
+                0 < alpha < 1 and a[alpha] > max(a.get(0.0, -1), a.get(1.0, -1))))
+    if 0.0 in a and 1.0 in a:
+        out.append(("The vision expert alone beats the language expert alone (α=1 > α=0, Table 2a)",
+                    f"α=1 {fmt(a[1.0])} vs α=0 {fmt(a[0.0])}", a[1.0] > a[0.0]))
+    lam = {v: zs("modality_arithmetic", v) for v in r["preset"]["lams"]}
+    if 0.5 in lam and 1.0 in lam:
+        out.append(("Modality arithmetic degrades at large λ (Table 2b)",
+                    f"λ=1 {fmt(lam[1.0])} vs λ=0.5 {fmt(lam[0.5])}", lam[1.0] < lam[0.5]))
+    regmean, interpolation = sel["regmean"], sel["interpolation"]
+    out.append(("RegMean is about as good as the best interpolation (within 2 points) (Table 2c)",
+                f"RegMean γ = {regmean['value']} {fmt(regmean['test'])} vs interpolation α = {alpha} "
+                f"{fmt(interpolation['test'])} (each chosen on val)", regmean["test"] >= interpolation["test"] - 2))
+    corr = r["table5"]["correlation"]
+    valid = {k: corr[k] for k in METRICS if corr[k] is not None}  # the paper's claim is about the weights
+    if valid:
+        top = max(valid, key=valid.get)
+        out.append(("TSSD correlates best with the merge drop (Table 5)",
+                    "Pearson r: " + ", ".join(f"{k} {fmt(v, 3)}" for k, v in valid.items()), top == "tssd"))
+    return out
+
+
+def write_report(r) -> str:
+    lines = [f"# vlmerge recipe — preset `{r['preset_name']}`", "",
+             f"{r['preset']['arch']} with depth {r['preset']['depth']} (M = {r['preset']['fusion_layers']}), "
+             f"{r['preset']['image_size']} px, K = {r['preset']['pretrain_steps']} pre-training steps, "
+             f"batch {r['preset']['batch_size']}; {fmt(r['stage_seconds'] / 60, 1)} minutes of training and evaluation "
+             f"summed over the stages ({fmt(r['seconds'] / 60, 1)} in this invocation) on {r['device']}.", "",
+             "## Findings", "", table(["the paper's finding", "ours", "same direction?"],
+                                      [[c, o, "yes" if ok else "**no**"] for c, o, ok in r["findings"]]), ""]
+    for section in (section_table1, section_fig3, section_table2, section_table3, section_fig4, section_table5):
+        text = section(r)
+        if text:
+            lines += [text, ""]
+    if r.get("spread"):
+        lines += ["## Seed-to-seed spread", "", "`ours` fine-tuned again with other seeds: the seed sets the fresh "
+                  "head's initialization and the data order; the merged weights are the same.", "",
+                  table(["metric", "seeds", "mean", "std", "min", "max"],
+                        [[SPREAD_LABEL[task], s["n"], *(fmt(s[k]) for k in ("mean", "std", "min", "max"))]
+                         for task, s in r["spread"].items()]), ""]
+    return "\n".join(lines)
+
+
+SPREAD = {"vqa": "vqa_score", "retrieval": "avg"}  # task -> the metric whose seed-to-seed spread is reported
+SPREAD_LABEL = {"vqa": "VQA score", "retrieval": "retrieval R avg (TR, IR)"}
+
+
+def spread(model):
+    """Mean / std / range over the fine-tuning seeds of each SPREAD metric (None: one seed only)."""
+    out = {}
+    for task, key in SPREAD.items():
+        scores = [run[key] for run in model.get("finetune", {}).get(task, [])]
+        if len(scores) >= 2:
+            out[task] = {"n": len(scores), "mean": statistics.fmean(scores), "std": statistics.stdev(scores),
+                         "min": min(scores), "max": max(scores)}
+    return out or None
+
+
+def pyplot():
+    """matplotlib.pyplot on a file-only backend, or None: plots are an optional extra, never required."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def plot_sweeps(r, path):
+    """Fig. 3 and Table 2 as a picture, when matplotlib is installed (an optional extra)."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    sweep = r["over_seeds"]["fig3"]
+    axes[0].plot([s["frac"] for s in sweep], [s["before"]["mean"] for s in sweep], "o-", label="msa before merging")
+    axes[0].plot([s["frac"] for s in sweep], [s["after"]["mean"] for s in sweep], "s-", label="after (α=0.5)")
+    axes[0].set(xlabel="K_seed / K", ylabel="zero-shot retrieval", title="Fig. 3")
+    for method, (_, key, _) in SWEEPS.items():
+        xs = r["preset"][key]
+        merges = merges_of(r["models"], r["selection"]["source"], method)
+        axes[1].plot(xs, [merges[x]["zero_shot"]["avg"] for x in xs], "o-", label=method)
+    axes[1].set(xlabel="α / λ / γ", title="Table 2 (zero-shot)")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe's statistics and distances: model selection on val, Pearson r with its interval, the Sec. 7
+# metrics between experts (Table 5).
 
 def run_prefix(seed):
     """Where the models of pre-training seed `seed` live: OUT/ itself for seed 0, OUT/s<seed>/ for the others."""
@@ -183,16 +812,18 @@ def pearson(xs, ys):
 
 def select_on_val(models, source, preset) -> dict:
     """Model selection on val, never on test: for each sweep of Table 2 the value whose merged model has the best
-    zero-shot retrieval on val (ties: the first listed), then the best of those three methods.
+    zero-shot retrieval on val (ties: the first listed), then the best of those three methods. `models` as
+    results.json keeps them (Recipe.records).
 
     {method: {"value", "name", "val", "test"}, "best": {"method", "value", "name", "val", "test"}, "source"}
     """
     out = {}
     for method, (_, field, _) in SWEEPS.items():
-        names = {v: f"{source}~{method}{v}" for v in preset[field]}
-        value = max(names, key=lambda v: models[names[v]]["zero_shot_val"]["avg"])
-        out[method] = {"value": value, "name": names[value], "val": models[names[value]]["zero_shot_val"]["avg"],
-                       "test": models[names[value]]["zero_shot"]["avg"]}
+        merges = merges_of(models, source, method)
+        value = max(preset[field], key=lambda v: merges[v]["zero_shot_val"]["avg"])
+        chosen = merges[value]
+        out[method] = {"value": value, "name": chosen["name"], "val": chosen["zero_shot_val"]["avg"],
+                       "test": chosen["zero_shot"]["avg"]}
     method = max(SWEEPS, key=lambda m: out[m]["val"])
     return out | {"best": {"method": method, **out[method]}, "source": source}
 
@@ -307,554 +938,6 @@ def merge_checkpoint(checkpoint, method, init=None, grams=None, **options) -> di
 def default_device():
     """The device a run trains on: this process's GPU, else the CPU."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-# ----------------------------------------------------------------------------------------------
-# The recipe.
-
-class Recipe:
-    """Runs the stages of the module docstring, caching each under OUT/<stage>/."""
-
-    def __init__(self, preset: Preset, out: str, init=None, dry_run=False, seeds=1):
-        self.p, self.out, self.init, self.dry_run, self.seeds = preset, out, init, dry_run, seeds
-        self.plan = []  # the train.py command lines, for --dry-run and the report
-        self.models = {}  # name -> {"ckpt": path, "variant": str, "zero_shot": {...}, task: {...}}
-        self.gram_cache = {}  # model name -> RegMean's Gram matrices
-        os.makedirs(out, exist_ok=True)
-
-    # -- running one stage ------------------------------------------------------------------------
-    def flags(self, task="pretrain", image_size=True):
-        """The shape and data flags of a stage; image_size=False leaves the size to train.py's profile
-        (Table 6 fine-tunes at 384 / 480 px: the position embedding is resized on loading)."""
-        p = self.p
-        size = ["--image-size", str(p.image_size)] if image_size else []
-        return ["--arch", p.arch, "--depth", str(p.depth), "--fusion-layers", str(p.fusion_layers), *size,
-                "--patch-size", str(p.patch_size), "--max-len", str(p.max_len),
-                "--precision", p.precision, "--eval-split", p.eval_split, "--quiet", *p.data.get(task, [])]
-
-    def stage(self, name, argv) -> dict:
-        """One train.py run: reused when OUT/name/metrics.json exists."""
-        out = os.path.join(self.out, name)
-        argv = argv + ["--out", out]
-        self.plan.append("python train.py " + " ".join(argv))
-        metrics_path = os.path.join(out, "metrics.json")
-        if self.dry_run:
-            build_only(argv)
-            return {}
-        if not os.path.exists(metrics_path):
-            train.run(argv)
-        with open(metrics_path) as f:
-            return json.load(f)
-
-    def batch(self):
-        """The preset's batch is global (Sec. 5: 1024); train.py splits it over the ranks under torchrun."""
-        return str(self.p.batch_size)
-
-    def ckpt(self, name):
-        return os.path.join(self.out, name, "ckpt.pt")
-
-    # -- stage 0: the image-only initialization W⁰ ------------------------------------------------
-    def initialization(self) -> str:
-        """W⁰, a timm-format ViT file that every model of the recipe loads: --init, else stage 0 --
-        image-only pre-training for init_steps, or with init_steps=0 a random init (saved all the same,
-        so that maa, msa and the seeds still start from one and the same W⁰)."""
-        if self.init:
-            self.models["init_vit"] = {"ckpt": self.init, "variant": "maa", "stage": {}}
-            return self.init
-        if self.p.init_steps is None:
-            raise ValueError("preset needs --init PATH (a timm-format ViT, e.g. BEiT converted): it has no stage 0")
-        path = os.path.join(self.out, "init_vit", "vit.pt")
-        metrics = {"steps": 0}
-        if self.p.init_steps > 0:
-            metrics = self.stage("init_vit", self.flags("cls") + [
-                "--task", "cls", "--variant", "maa", "--steps", str(self.p.init_steps),
-                "--batch-size", self.batch(), "--lr", str(self.p.lr)])
-        self.models["init_vit"] = {"ckpt": path, "variant": "maa", "stage": metrics}
-        if self.dry_run or os.path.exists(path):
-            return path
-        if self.p.init_steps > 0:
-            state = train.load_checkpoint(self.ckpt("init_vit"))["model"]
-        else:
-            torch.manual_seed(0)
-            state = build_model(self.p.arch, "maa", "pretrain", vocab_size=2, image_size=self.p.image_size,
-                                patch_size=self.p.patch_size, depth=self.p.depth,
-                                fusion_layers=self.p.fusion_layers).state_dict()
-        # maa keys are timm's keys: keep the backbone, rename a classifier to timm's `head`
-        vit = {k: v for k, v in state.items() if is_backbone_key(k)}
-        vit |= {"head." + k.split(".")[-1]: v for k, v in state.items() if k.startswith("cls_head.")}
-        train.save_checkpoint(path, vit)
-        return path
-
-    # -- stages 1-2: pre-training ------------------------------------------------------------------
-    def pretraining(self, w0, seed) -> dict:
-        """Stages 1-2 for one pre-training seed: maa (keeping the K_seed snapshots), msa, and the seeded msa of
-        every K_seed, each msa merged with α = 0.5 (the merging baseline; Fig. 3, Table 5). Returns the names."""
-        p, at = self.p, run_prefix(seed)
-        fracs = sorted({*p.seed_fracs, p.default_frac})
-        maa = self.pretrain(at + "maa", "maa", p.pretrain_steps, w0, seed, keep_at=[self.k_seed(f) for f in fracs])
-        msa = self.pretrain(at + "msa", "msa", p.pretrain_steps, w0, seed)
-        self.models[msa]["w0"] = "init_vit"
-        sweep = [{"frac": 0.0, "before": msa}] + [{"frac": f, "before": self.seeded("msa", f, seed)} for f in fracs]
-        for point in sweep:
-            point |= {"steps": self.k_seed(point["frac"]), "after": self.merged(point["before"], "interpolation", 0.5)}
-        return {"seed": seed, "maa": maa, "msa": msa, "sweep": sweep}
-
-    def pretrain(self, name, variant, steps, init, seed=0, keep_at=()):
-        extra = ["--keep-at", *map(str, keep_at)] if keep_at else []
-        metrics = self.stage(name, self.flags() + ["--variant", variant, "--steps", str(steps), "--init", init,
-                                                   "--batch-size", self.batch(), "--lr", str(self.p.lr),
-                                                   "--seed", str(seed), *extra])
-        self.models[name] = {"ckpt": self.ckpt(name), "variant": variant, "zero_shot": metrics}
-        return name
-
-    def k_seed(self, frac):
-        return round(frac * self.p.pretrain_steps)
-
-    def seeded(self, variant, frac, seed=0):
-        """Seed pre-training (Sec. 4.3): maa for K_seed steps, then `variant` from it for K_VL = K - K_seed.
-
-        The maa seed is the step-K_seed snapshot of the maa baseline run (kept with --keep-at), so the
-        whole K_seed sweep costs one maa run instead of one per point. It is also the model's W⁰ ("w0")."""
-        at, k_seed = run_prefix(seed), self.k_seed(frac)
-        snapshot = train.snapshot_path(os.path.join(self.out, at + "maa"), k_seed)
-        if not self.dry_run and not os.path.exists(snapshot):
-            raise FileNotFoundError(f"{snapshot}: the maa run kept no snapshot at step {k_seed}; "
-                                    f"delete {os.path.join(self.out, at + 'maa')} to re-run it with this preset")
-        self.models[f"{at}seed{frac}"] = {"ckpt": snapshot, "variant": "maa", "zero_shot": {}}
-        name = self.pretrain(f"{at}{variant}_seed{frac}", variant, self.p.pretrain_steps - k_seed, snapshot, seed)
-        self.models[name]["w0"] = f"{at}seed{frac}"
-        return name
-
-    # -- stage 3: merging -------------------------------------------------------------------------
-    def merged(self, source, method, value):
-        """Merge model `source` and score it zero-shot (3b). Returns the merged model's name."""
-        option = SWEEPS[method][0]
-        name = f"{source}~{method}{value}"
-        if name in self.models:
-            return name
-        init_name = self.models[source]["w0"] if method == "modality_arithmetic" else None  # W_0 (Sec. 4.1)
-        path = os.path.join(self.out, "merged", f"{name}.pt")
-        self.plan.append(f"python vlmerge.py merge {self.ckpt(source)} --method {method} --{option} {value} -o {path}")
-        if not self.dry_run and not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            checkpoint = train.load_checkpoint(self.ckpt(source))
-            init = train.load_checkpoint(self.models[init_name]["ckpt"]) if init_name else None
-            grams = self.grams(source, checkpoint) if method == "regmean" else None
-            train.save_checkpoint(path, merge_checkpoint(checkpoint, method, init, grams, **{option: value}))
-        self.models[name] = {"ckpt": path, "variant": "maa"}
-        # scored on test (the tables) and on val (model selection: select_on_val)
-        for key, split in (("zero_shot", self.p.eval_split), ("zero_shot_val", "val")):
-            self.models[name][key] = self.stage(f"{key}/{name}", self.flags() + [
-                "--variant", "maa", "--eval-only", "--init", path, "--eval-split", split])
-        return name
-
-    def grams(self, source, checkpoint):
-        """RegMean's Gram matrices of `source`, collected once (they do not depend on γ) on the run's device
-        from the pre-training data of the preset (its data config), with that data's tokenizer."""
-        if source not in self.gram_cache:
-            batches = gram_batches(checkpoint, self.p.gram_samples, GRAM_BATCH, self.p.data.get("pretrain"))
-            self.gram_cache[source] = checkpoint_grams(checkpoint, batches, default_device())
-        return self.gram_cache[source]
-
-    # -- stage 4: fine-tuning ---------------------------------------------------------------------
-    def finetune(self, name, task, seed=0):
-        model = self.models[name]
-        steps = self.p.finetune[task]
-        suffix = f"_s{seed}" if seed else ""
-        common = ["--task", task, "--variant", model["variant"], "--init", model["ckpt"], "--seed", str(seed)]
-        if steps is None:  # train.py --paper: Table 6's image size, lr, global batch and epochs for this task
-            argv = self.flags(task, image_size=False) + common + ["--paper"]
-        else:
-            argv = self.flags(task) + common + ["--steps", str(steps), "--batch-size", self.batch(),
-                                                "--lr", str(self.p.finetune_lr), "--warmup", str(steps // 10)]
-        metrics = self.stage(f"finetune/{task}/{name}{suffix}", argv)
-        model.setdefault("finetune", {}).setdefault(task, []).append(metrics)
-        return metrics
-
-    # -- the whole pipeline -----------------------------------------------------------------------
-    def run(self) -> dict:
-        p = self.p
-        w0 = self.initialization()
-        # 1-2. Table 1's pre-trained models and Fig. 3's K_seed sweep, once per pre-training seed
-        runs = [self.pretraining(w0, seed) for seed in range(self.seeds)]
-        # 3. the three methods on the recipe's msa of the first seed (Table 2)
-        ours = sweep_point(runs[0], p.default_frac)["before"]
-        for method, (_, field, _) in SWEEPS.items():
-            for value in getattr(p, field):
-                self.merged(ours, method, value)
-        # α, λ, γ and the method chosen on val (the paper's "α ≈ 0.75" would be a choice made on test)
-        selection = {} if self.dry_run else select_on_val(self.models, ours, dataclasses.asdict(p))
-        chosen = selection["best"] if selection else {"method": "interpolation", "value": 0.75}
-        method, value = chosen["method"], chosen["value"]
-        alpha = selection["interpolation"]["value"] if selection else 0.75
-        # 4. fine-tuning (Tables 1, 3): maa, msa, merging baseline, ours (the val choice) of every seed
-        tables = [{"maa": run["maa"], "msa": run["msa"], "merging_baseline": run["sweep"][0]["after"],
-                   "ours": self.merged(sweep_point(run, p.default_frac)["before"], method, value)} for run in runs]
-        table, best = tables[0], tables[0]["ours"]
-        for task in p.finetune:  # Table 1's tasks on every seed, Table 3's on the first
-            for name in (name for t in (tables if task in SPREAD else tables[:1]) for name in t.values()):
-                self.finetune(name, task)
-        for seed in range(1, p.finetune_seeds):           # seed-to-seed spread of the headline numbers
-            for task in SPREAD:
-                if task in p.finetune:
-                    self.finetune(best, task, seed)
-        sweeps = [n for n in self.models if n.startswith(f"{ours}~") and n != best]
-        for name in sweeps if p.finetune_sweeps and "vqa" in p.finetune else []:
-            self.finetune(name, "vqa")                     # Table 2 after fine-tuning, as the paper reports
-        # 4b. the shared-weight variants (Fig. 4)
-        ablation = {}
-        if p.ablation:
-            for variant in ("custom_attn", "custom_ffn", "custom_ln"):
-                before = self.seeded(variant, p.default_frac)
-                after = self.merged(before, "interpolation", alpha)
-                for name in (before, after):
-                    self.finetune(name, "vqa")
-                ablation[variant] = {"before": before, "after": after}
-        ablation["msa"] = {"before": ours, "after": self.merged(ours, "interpolation", alpha)}
-        for name in ablation["msa"].values() if "vqa" in p.finetune else []:
-            if "vqa" not in self.models[name].get("finetune", {}):
-                self.finetune(name, "vqa")                 # the msa before merging (Fig. 4), after if not yet
-        # 5. distances vs the merge drop over every (seed, K_seed) point (Table 5)
-        table5 = self.distance_table(runs)
-        return {"table": table, "tables": tables, "sweeps": [run["sweep"] for run in runs], "ablation": ablation,
-                "table5": table5, "selection": selection}
-
-    def distance_table(self, runs):
-        """Table 5: the metrics between the v and l experts, on the weights and on τ_m = W_m − W⁰ (W⁰: what the
-        msa started from), and the merge drop, for every (seed, K_seed) point; Pearson r with a 95% interval."""
-        rows = {}
-        for run in runs:
-            for point in run["sweep"] if not self.dry_run else []:
-                name = point["before"]
-                state = train.load_checkpoint(self.ckpt(name))["model"]
-                init = train.load_checkpoint(self.models[self.models[name]["w0"]]["ckpt"])["model"]
-                drop = self.models[name]["zero_shot"]["avg"] - self.models[point["after"]]["zero_shot"]["avg"]
-                rows[name] = {"seed": run["seed"], "frac": point["frac"], **distances(state, init_state=init),
-                              "drop": drop}
-        drops = [r["drop"] for r in rows.values()]
-        corr = {m: pearson([r[m] for r in rows.values()], drops) for m in TABLE5_METRICS}
-        interval = {m: pearson_interval(r, len(rows)) for m, r in corr.items()}
-        leave_one_out = {m: pearson_range([r[m] for r in rows.values()], drops) for m in TABLE5_METRICS}
-        return {"rows": rows, "correlation": corr, "interval": interval, "leave_one_out": leave_one_out,
-                "points": len(rows)}
-
-
-def build_only(argv):
-    """--dry-run: check a stage's flags and build its model (on the meta device: no memory)."""
-    args = train.resolve_defaults(train.build_parser().parse_args(argv))  # not parse_args: no file is read
-    with torch.device("meta"):
-        train.model_from_args(args, vocab_size=30522)
-
-
-# ----------------------------------------------------------------------------------------------
-# The report: every number in it is read from results.json.
-
-def first(model, task, key):
-    runs = model.get("finetune", {}).get(task)
-    return runs[0].get(key) if runs else None
-
-
-def table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
-
-def stats(values) -> dict | None:
-    """Mean and std over pre-training seeds (std None for one seed); None when no seed has the number."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-            "n": len(values)}
-
-
-def pm(st, show=fmt):
-    """A cell: mean ± std over seeds, the mean alone for one seed."""
-    if st is None:
-        return "–"
-    return show(st["mean"]) if st["std"] is None else f"{show(st['mean'])} ± {show(st['std'])}"
-
-
-TABLE1_COLUMNS = {"vqa": ("vqa", "vqa_score"), "tr_avg": ("retrieval", "tr_avg"), "ir_avg": ("retrieval", "ir_avg")}
-
-
-def over_seeds(r) -> dict:
-    """Table 1, Fig. 3 and Table 5 as mean ± std over the pre-training seeds (what the report prints)."""
-    m = r["models"]
-
-    def cell(name, column):
-        return m[name]["zero_shot"].get("avg") if column == "zero_shot" else first(m[name], *TABLE1_COLUMNS[column])
-    table1 = {label: {c: stats([cell(t[label], c) for t in r["tables"]]) for c in [*TABLE1_COLUMNS, "zero_shot"]}
-              for label in r["table"]}
-    fig3 = []
-    for i, point in enumerate(r["sweeps"][0]):
-        before = [m[sweep[i]["before"]]["zero_shot"]["avg"] for sweep in r["sweeps"]]
-        after = [m[sweep[i]["after"]]["zero_shot"]["avg"] for sweep in r["sweeps"]]
-        fig3.append({"frac": point["frac"], "steps": point["steps"], "before": stats(before), "after": stats(after),
-                     "drop": stats([b - a for b, a in zip(before, after)])})
-    rows = list(r["table5"]["rows"].values())
-    table5 = [{"frac": point["frac"], **{k: stats([row[k] for row in rows if row["frac"] == point["frac"]])
-                                         for k in [*TABLE5_METRICS, "drop"]}} for point in r["sweeps"][0]]
-    return {"seeds": len(r["tables"]), "table1": table1, "fig3": fig3, "table5": table5}
-
-
-def seeds_note(r):
-    n = r["over_seeds"]["seeds"]
-    return f" Mean ± std over {n} pre-training seeds." if n > 1 else ""
-
-
-def section_table1(r):
-    rows = []
-    for label, cells in r["over_seeds"]["table1"].items():
-        paper = PAPER["table1"].get(label, [None] * 3)
-        rows.append([label, *(pm(cells[c]) for c in [*TABLE1_COLUMNS, "zero_shot"]), *map(fmt, paper)])
-    return "## Table 1 — merging a modality-specific model, with and without seed pre-training\n\n" + table(
-        ["model", "VQA", "TR avg", "IR avg", "zero-shot R avg", "paper VQA", "paper TR", "paper IR"], rows) + \
-        "\n\nVQA = VQA score of the fine-tuned model; TR/IR avg = mean of R@1/5/10 after retrieval fine-tuning; " \
-        "zero-shot = mean of TR/IR avg of the pre-trained (or merged) model, before fine-tuning; ours = the merge " \
-        "chosen on val (Table 2)." + seeds_note(r)
-
-
-def section_fig3(r):
-    rows = [[fmt(p["frac"]), p["steps"], pm(p["before"]), pm(p["after"]), pm(p["drop"])]
-            for p in r["over_seeds"]["fig3"]]
-    return "## Fig. 3 — the length of seed pre-training (zero-shot retrieval, merged by interpolation α = 0.5)\n\n" + \
-        table(["K_seed / K", "K_seed steps", "msa before merging", "after merging", "drop"], rows) + \
-        ("\n\n" + seeds_note(r).strip() if seeds_note(r) else "")
-
-
-def section_table2(r):
-    sel = r["selection"]
-    parts = []
-    for method, (_, field, symbol) in SWEEPS.items():
-        rows = []
-        for v in r["preset"][field]:
-            m = r["models"][f"{sel['source']}~{method}{v}"]
-            paper = PAPER["table2"][method].get(v, [None] * 3)
-            rows.append([v, fmt(m["zero_shot"]["tr_avg"]), fmt(m["zero_shot"]["ir_avg"]),
-                         fmt(m["zero_shot_val"]["avg"]), "✓" if v == sel[method]["value"] else "",
-                         fmt(first(m, "vqa", "vqa_score")), *map(fmt, paper)])
-        parts.append(f"### {method} ({symbol})\n\n" + table(
-            [symbol, "zero-shot TR avg", "zero-shot IR avg", "val R avg", "chosen on val", "VQA (fine-tuned)",
-             "paper VQA", "paper TR", "paper IR"], rows))
-    best = sel["best"]
-    return "## Table 2 — merging methods on the seeded msa (ours: right after merging; paper: after fine-tuning)\n\n" + \
-        "\n\n".join(parts) + f"\n\nEach value is chosen by zero-shot retrieval on val, then the best method: " \
-        f"{best['method']} {SWEEPS[best['method']][2]} = {best['value']} (val {fmt(best['val'])}, test " \
-        f"{fmt(best['test'])}) is `ours` in Table 1. Test scores are reported, never used to choose."
-
-
-def section_table3(r):
-    tasks = [t for t in ("nlvr2", "cls", "seg") if t in r["preset"]["finetune"]]
-    if not tasks:
-        return ""
-    keys = {"nlvr2": "accuracy", "cls": "accuracy", "seg": "miou"}
-    rows = [[label, *[fmt(first(r["models"][name], t, keys[t])) for t in tasks], *map(fmt, PAPER["table3"][label])]
-            for label, name in r["table"].items()]
-    header = ["model", *[{"nlvr2": "NLVR2 acc", "cls": "cls top-1", "seg": "seg mIoU"}[t] for t in tasks],
-              "paper NLVR2", "paper ImageNet", "paper ADE20k"]
-    return "## Table 3 — more tasks (classification and segmentation fine-tune the vision route only)\n\n" + \
-        table(header, rows)
-
-
-def section_fig4(r):
-    rows = []
-    for variant, names in r["ablation"].items():
-        before, after = r["models"][names["before"]], r["models"][names["after"]]
-        rows.append([variant, fmt(first(before, "vqa", "vqa_score")), fmt(first(after, "vqa", "vqa_score")),
-                     fmt(before["zero_shot"]["avg"]), fmt(after["zero_shot"]["avg"])])
-    rows.append(["maa (reference)", fmt(first(r["models"]["maa"], "vqa", "vqa_score")), "–",
-                 fmt(r["models"]["maa"]["zero_shot"]["avg"]), "–"])
-    alpha = r["selection"]["interpolation"]["value"]
-    return f"## Fig. 4 — shared-weight architectures, before and after merging (α = {alpha}, chosen on val)\n\n" + table(
-        ["variant", "VQA before", "VQA after", "zero-shot before", "zero-shot after"], rows)
-
-
-def section_table5(r):
-    t5, points = r["table5"], r["over_seeds"]["table5"]
-    # three significant digits: TSSD of barely-trained experts is orders of magnitude below L2
-    sig3 = lambda x: f"{x:.3g}"  # noqa: E731
-    rows = []
-    for metric in TABLE5_METRICS:
-        interval, loo = t5["interval"][metric], t5["leave_one_out"][metric]
-        r_cell = fmt(t5["correlation"][metric], 3)
-        r_cell += f" [{fmt(interval[0], 3)}, {fmt(interval[1], 3)}]" if interval else ""
-        loo_cell = f"{fmt(loo[0], 3)} to {fmt(loo[1], 3)}" if loo else "–"
-        paper = PAPER["table5"].get(metric, [None])[-1]
-        label = f"{metric[4:]} of τ" if metric.startswith("tau_") else metric
-        rows.append([label, *[pm(point[metric], sig3) for point in points], r_cell, loo_cell, fmt(paper, 3)])
-    rows.append(["merge drop (zero-shot R avg)", *[pm(point["drop"]) for point in points], "", "", ""])
-    return "## Table 5 — distance between the vision and language experts vs the merge drop\n\n" + table(
-        ["metric", *[f"K_seed/K = {fmt(point['frac'])}" for point in points],
-         f"Pearson r with drop [95% CI] over {t5['points']} points", "r leaving one point out", "paper r"], rows) + \
-        "\n\nThe metrics on the weights W_v, W_l (the paper's) and on the modality vectors τ_m = W_m − W⁰, " \
-        "W⁰ being what the msa started from (the seed checkpoint; the init ViT at K_seed = 0). r is over every (seed, " \
-        "K_seed) point; its interval is Fisher's z." + seeds_note(r)
-
-
-def findings(r) -> list:
-    """(claim, paper's direction, ours, replicates?) -- computed, never written by hand; every choice of α, γ or
-    method is the one made on val (`select_on_val`), every number a test score (mean over seeds where there are)."""
-    m, sel, fig3 = r["models"], r["selection"], r["over_seeds"]["fig3"]
-    zs = lambda method, v: m[f"{sel['source']}~{method}{v}"]["zero_shot"]["avg"]  # noqa: E731
-    no_seed = fig3[0]
-    seeded = next(p for p in fig3 if p["frac"] == r["preset"]["default_frac"])
-    out = [("Merging without seed pre-training loses much of the msa's performance (Table 1)",
-            f"msa {fmt(no_seed['before']['mean'])} → merged {fmt(no_seed['after']['mean'])}",
-            no_seed["drop"]["mean"] > 0),
-           ("Seed pre-training shrinks the merge drop (Sec. 6.1)",
-            f"drop {fmt(no_seed['drop']['mean'])} without seed vs {fmt(seeded['drop']['mean'])} with K_seed/K = "
-            f"{r['preset']['default_frac']}", seeded["drop"]["mean"] < no_seed["drop"]["mean"])]
-    a = {v: zs("interpolation", v) for v in r["preset"]["alphas"]}
-    alpha = sel["interpolation"]["value"]
-    out.append(("Interpolation: α ≈ 0.5–0.75 beats either expert alone (Table 2a)",
-                f"α = {alpha} (chosen on val) {fmt(a[alpha])} vs α=0 {fmt(a.get(0.0))}, α=1 {fmt(a.get(1.0))}",
-                0 < alpha < 1 and a[alpha] > max(a.get(0.0, -1), a.get(1.0, -1))))
-    if 0.0 in a and 1.0 in a:
-        out.append(("The vision expert alone beats the language expert alone (α=1 > α=0, Table 2a)",
-                    f"α=1 {fmt(a[1.0])} vs α=0 {fmt(a[0.0])}", a[1.0] > a[0.0]))
-    lam = {v: zs("modality_arithmetic", v) for v in r["preset"]["lams"]}
-    if 0.5 in lam and 1.0 in lam:
-        out.append(("Modality arithmetic degrades at large λ (Table 2b)",
-                    f"λ=1 {fmt(lam[1.0])} vs λ=0.5 {fmt(lam[0.5])}", lam[1.0] < lam[0.5]))
-    regmean, interpolation = sel["regmean"], sel["interpolation"]
-    out.append(("RegMean is about as good as the best interpolation (within 2 points) (Table 2c)",
-                f"RegMean γ = {regmean['value']} {fmt(regmean['test'])} vs interpolation α = {alpha} "
-                f"{fmt(interpolation['test'])} (each chosen on val)", regmean["test"] >= interpolation["test"] - 2))
-    corr = r["table5"]["correlation"]
-    valid = {k: corr[k] for k in METRICS if corr[k] is not None}  # the paper's claim is about the weights
-    if valid:
-        top = max(valid, key=valid.get)
-        out.append(("TSSD correlates best with the merge drop (Table 5)",
-                    "Pearson r: " + ", ".join(f"{k} {fmt(v, 3)}" for k, v in valid.items()), top == "tssd"))
-    return out
-
-
-def write_report(r) -> str:
-    lines = [f"# vlmerge recipe — preset `{r['preset_name']}`", "",
-             f"{r['preset']['arch']} with depth {r['preset']['depth']} (M = {r['preset']['fusion_layers']}), "
-             f"{r['preset']['image_size']} px, K = {r['preset']['pretrain_steps']} pre-training steps, "
-             f"batch {r['preset']['batch_size']}; {fmt(r['stage_seconds'] / 60, 1)} minutes of training and evaluation "
-             f"summed over the stages ({fmt(r['seconds'] / 60, 1)} in this invocation) on {r['device']}.", "",
-             "## Findings", "", table(["the paper's finding", "ours", "same direction?"],
-                                      [[c, o, "yes" if ok else "**no**"] for c, o, ok in r["findings"]]), ""]
-    for section in (section_table1, section_fig3, section_table2, section_table3, section_fig4, section_table5):
-        text = section(r)
-        if text:
-            lines += [text, ""]
-    if r.get("spread"):
-        lines += ["## Seed-to-seed spread", "", "`ours` fine-tuned again with other seeds: the seed sets the fresh "
-                  "head's initialization and the data order; the merged weights are the same.", "",
-                  table(["metric", "seeds", "mean", "std", "min", "max"],
-                        [[SPREAD_LABEL[task], s["n"], *(fmt(s[k]) for k in ("mean", "std", "min", "max"))]
-                         for task, s in r["spread"].items()]), ""]
-    return "\n".join(lines)
-
-
-SPREAD = {"vqa": "vqa_score", "retrieval": "avg"}  # task -> the metric whose seed-to-seed spread is reported
-SPREAD_LABEL = {"vqa": "VQA score", "retrieval": "retrieval R avg (TR, IR)"}
-
-
-def spread(model):
-    """Mean / std / range over the fine-tuning seeds of each SPREAD metric (None: one seed only)."""
-    out = {}
-    for task, key in SPREAD.items():
-        scores = [run[key] for run in model.get("finetune", {}).get(task, [])]
-        if len(scores) >= 2:
-            out[task] = {"n": len(scores), "mean": statistics.fmean(scores), "std": statistics.stdev(scores),
-                         "min": min(scores), "max": max(scores)}
-    return out or None
-
-
-def stage_seconds(models):
-    """Wall time of every train.py stage the results came from, reused stages included."""
-    total = 0.0
-    for model in models.values():
-        total += model.get("zero_shot", model.get("stage", {})).get("seconds", 0.0)
-        total += sum(run.get("seconds", 0.0) for runs in model.get("finetune", {}).values() for run in runs)
-    return total
-
-
-def pyplot():
-    """matplotlib.pyplot on a file-only backend, or None: plots are an optional extra, never required."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def plot_sweeps(r, path):
-    """Fig. 3 and Table 2 as a picture, when matplotlib is installed (an optional extra)."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    sweep = r["over_seeds"]["fig3"]
-    axes[0].plot([s["frac"] for s in sweep], [s["before"]["mean"] for s in sweep], "o-", label="msa before merging")
-    axes[0].plot([s["frac"] for s in sweep], [s["after"]["mean"] for s in sweep], "s-", label="after (α=0.5)")
-    axes[0].set(xlabel="K_seed / K", ylabel="zero-shot retrieval", title="Fig. 3")
-    for method, (_, key, _) in SWEEPS.items():
-        xs = r["preset"][key]
-        axes[1].plot(xs, [r["models"][f"{r['selection']['source']}~{method}{x}"]["zero_shot"]["avg"] for x in xs],
-                     "o-", label=method)
-    axes[1].set(xlabel="α / λ / γ", title="Table 2 (zero-shot)")
-    for ax in axes:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return True
-
-
-def read_data_config(path, preset) -> dict:
-    """--data-config: {task: [train.py data flags]} for pre-training and every task the preset fine-tunes
-    (and "cls" when it has a stage 0). Each entry must name evaluation data, so that no stage is left
-    without a score; a missing or score-less entry is one error naming the task."""
-    config = data._read_json(path)  # a malformed file: one error naming its line
-    tasks = ["pretrain", *preset.finetune] + (["cls"] if preset.init_steps else [])
-    for task in dict.fromkeys(tasks):
-        flags = config.get(task) if isinstance(config, dict) else None
-        if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
-            raise ValueError(f"--data-config {path}: {task!r} needs a list of train.py flags (the preset runs "
-                             f"{', '.join(dict.fromkeys(tasks))})")
-        if not train.names_evaluation(train.parse_args(["--task", task, *flags])):
-            raise ValueError(f"--data-config {path}: {task!r} names no evaluation data (--eval-data"
-                             f"{', --eval-annotations' if task == 'vqa' else ''}): its stages would have no score")
-    return config
-
-
-def run_recipe(args) -> dict:
-    preset = PRESETS[args.preset]
-    if args.ablation:
-        preset = dataclasses.replace(preset, ablation=True)
-    if args.data_config:
-        preset = dataclasses.replace(preset, data=read_data_config(args.data_config, preset))
-    out = args.out or os.path.join("runs", f"recipe_{args.preset}")
-    if args.seeds < 1:
-        raise ValueError(f"--seeds {args.seeds}: give at least 1")
-    recipe = Recipe(preset, out, init=args.init, dry_run=args.dry_run, seeds=args.seeds)
-    start = time.time()
-    layout = recipe.run()
-    if args.dry_run:
-        print("\n".join(recipe.plan))
-        return {"plan": recipe.plan}
-    results = {"preset_name": args.preset, "preset": dataclasses.asdict(preset), "paper": PAPER,
-               "models": recipe.models, **layout, "seconds": time.time() - start,
-               "device": "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"}
-    results["spread"] = spread(recipe.models[layout["table"]["ours"]])
-    results["stage_seconds"] = stage_seconds(recipe.models)
-    results["over_seeds"] = over_seeds(results)
-    results["findings"] = findings(results)
-    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 writes the report
-        return results
-    train.write_json(os.path.join(out, "results.json"), results)
-    report = write_report(json.loads(json.dumps(results)))  # exactly what results.json holds
-    train.write_text(os.path.join(out, "REPORT.md"), report)
-    plot_sweeps(results, os.path.join(out, "sweeps.png"))
-    print(report)
-    return results
 
 
 # ----------------------------------------------------------------------------------------------

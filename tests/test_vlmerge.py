@@ -91,30 +91,107 @@ def test_smoke_recipe_writes_report_and_results(smoke):
     # Table 5 on the weights and on the modality vectors τ, one point per K_seed of the one seed
     assert results["table5"]["points"] == 2 and set(results["table5"]["correlation"]) == set(vlmerge.TABLE5_METRICS)
     # the seed is the maa run's step-K_seed snapshot, and the seeded msa ran the rest: K_VL = K - K_seed
+    # the records say what each model is: W⁰ of every msa, and the source, method and value of every merge
+    models = results["models"]
+    assert (models["msa"]["w0"], models["msa_seed0.5"]["w0"]) == ("init_vit", "seed0.5")
+    assert models["seed0.5"]["ckpt"] == os.path.join(smoke, "maa/ckpt_step3.pt")
+    merges = {(m["source"], m["method"], m["value"]) for m in models.values() if m["method"]}
+    assert {("msa_seed0.5", "regmean", g) for g in (0.5, 1.0)} | {("msa", "interpolation", 0.5)} <= merges
+    assert all(os.path.exists(m["ckpt"]) for m in models.values())
     seed = torch.load(os.path.join(smoke, "maa/ckpt_step3.pt"), weights_only=True)
     seeded = torch.load(os.path.join(smoke, "msa_seed0.5/ckpt.pt"), weights_only=True)
     assert (seed["step"], seeded["step"], seeded["args"]["init"]) == (3, 3, os.path.join(smoke, "maa/ckpt_step3.pt"))
 
 
-def test_every_number_in_the_report_is_finite_and_traceable_to_results_json(smoke):
+def report_tables(report) -> dict:
+    """REPORT.md's tables: {heading: [{column: cell}]}, the heading the nearest '## ' or '### ' line above."""
+    tables, heading, header = {}, None, None
+    for line in report.splitlines():
+        if line.startswith("#"):
+            heading, header = line.lstrip("#").strip(), None
+        elif line.startswith("|") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if header is None:
+                header = cells
+            else:
+                tables.setdefault(heading, []).append(dict(zip(header, cells)))
+    return tables
+
+
+def section(tables, prefix):
+    return next(rows for heading, rows in tables.items() if heading.startswith(prefix))
+
+
+def test_every_report_cell_equals_the_value_at_its_own_key_in_results_json(smoke):
+    """Each cell is recomputed from the results.json key it stands for (one seed: no ± in the cells), so a
+    cell showing another model's or another column's number fails."""
     report = open(os.path.join(smoke, "REPORT.md")).read()
-    results = json.load(open(os.path.join(smoke, "results.json")))
-    known = set()
-    for x in numbers_in(results):
-        for digits in range(0, 5):
-            known.add(f"{x:.{digits}f}")
-        known.add(f"{x:.3g}")
-        known.add(str(x))
-        known.add(str(int(x)) if x == int(x) else str(x))
-    table_cells = [cell.strip() for line in report.splitlines() if line.startswith("|")
-                   for cell in line.strip("|").split("|")]
-    checked = 0
-    for cell in table_cells:
+    r = json.load(open(os.path.join(smoke, "results.json")))
+    tables, models, f2 = report_tables(report), r["models"], lambda x: f"{x:.2f}"
+    finetuned = lambda name, task, key: models[name]["finetune"][task][0][key]  # noqa: E731
+    rows = {row["model"]: row for row in section(tables, "Table 1")}
+    assert set(rows) == set(r["table"])
+    for label, name in r["table"].items():
+        assert rows[label]["VQA"] == f2(finetuned(name, "vqa", "vqa_score"))
+        assert rows[label]["TR avg"] == f2(finetuned(name, "retrieval", "tr_avg"))
+        assert rows[label]["IR avg"] == f2(finetuned(name, "retrieval", "ir_avg"))
+        assert rows[label]["zero-shot R avg"] == f2(models[name]["zero_shot"]["avg"])
+    rows = section(tables, "Fig. 3")
+    assert len(rows) == len(r["sweeps"][0])
+    for row, point in zip(rows, r["sweeps"][0]):
+        before, after = models[point["before"]]["zero_shot"]["avg"], models[point["after"]]["zero_shot"]["avg"]
+        assert (row["msa before merging"], row["after merging"], row["drop"]) == (f2(before), f2(after),
+                                                                                  f2(before - after))
+        assert row["K_seed steps"] == str(point["steps"])
+    for method, (_, field, symbol) in vlmerge.SWEEPS.items():
+        rows = section(tables, f"{method} ({symbol})")
+        merges = {(m["source"], m["value"]): m for m in models.values() if m["method"] == method}
+        assert [float(row[symbol]) for row in rows] == list(r["preset"][field])
+        for row in rows:
+            m = merges[r["selection"]["source"], float(row[symbol])]
+            assert row["zero-shot TR avg"] == f2(m["zero_shot"]["tr_avg"])
+            assert row["zero-shot IR avg"] == f2(m["zero_shot"]["ir_avg"])
+            assert row["val R avg"] == f2(m["zero_shot_val"]["avg"])
+            assert (row["chosen on val"] == "✓") == (m["name"] == r["selection"][method]["name"])
+    rows = {row["model"]: row for row in section(tables, "Table 3")}
+    for label, name in r["table"].items():
+        assert rows[label]["NLVR2 acc"] == f2(finetuned(name, "nlvr2", "accuracy"))
+        assert rows[label]["seg mIoU"] == f2(finetuned(name, "seg", "miou"))
+    rows = {row["variant"]: row for row in section(tables, "Fig. 4")}
+    for variant, names in r["ablation"].items():
+        assert rows[variant]["VQA before"] == f2(finetuned(names["before"], "vqa", "vqa_score"))
+        assert rows[variant]["zero-shot after"] == f2(models[names["after"]]["zero_shot"]["avg"])
+    rows = {row["metric"]: row for row in section(tables, "Table 5")}
+    for metric, value in r["table5"]["correlation"].items():
+        label = f"{metric[4:]} of τ" if metric.startswith("tau_") else metric
+        cell = rows[label][next(c for c in rows[label] if c.startswith("Pearson r"))]
+        assert cell.split(" ")[0] == ("–" if value is None else f"{value:.3f}")
+    spread = {row["metric"]: row for row in section(tables, "Seed-to-seed spread")}
+    assert spread["VQA score"]["mean"] == f2(r["spread"]["vqa"]["mean"])
+    for cell in (c for rows in tables.values() for row in rows for c in row.values()):
         for token in re.findall(r"-?\d+\.\d+(?:e[-+]\d+)?", cell):
             assert math.isfinite(float(token)), cell
-            assert token in known, f"{token!r} in report cell {cell!r} is not in results.json"
-            checked += 1
-    assert checked > 50
+
+
+def test_recipe_remakes_what_a_changed_input_feeds_and_nothing_else(smoke, tmp_path, capsys):
+    """The stage cache compares what each output was made from: a parent checkpoint whose content changed
+    re-runs its children (here maa's fine-tunings), leaves unrelated stages alone, and says so."""
+    import shutil
+    out = str(tmp_path / "copy")
+    shutil.copytree(smoke, out)  # a moved run directory is still a valid cache
+    mtime = lambda path: os.path.getmtime(os.path.join(out, path))  # noqa: E731
+    kept = {path: mtime(path) for path in ("finetune/vqa/msa/metrics.json", "maa/metrics.json",
+                                           "merged/msa~interpolation0.5.pt")}
+    checkpoint = torch.load(os.path.join(out, "maa", "ckpt.pt"), weights_only=True)
+    checkpoint["model"]["norm.weight"] += 1  # maa's weights are not what its fine-tunings started from
+    torch.save(checkpoint, os.path.join(out, "maa", "ckpt.pt"))
+    before = mtime("finetune/vqa/maa/metrics.json")
+    vlmerge.main(["recipe", "--preset", "smoke", "--out", out])
+    assert {path: mtime(path) for path in kept} == kept
+    assert mtime("finetune/vqa/maa/metrics.json") > before
+    made_from = json.load(open(os.path.join(out, "finetune/vqa/maa/made_from.json")))
+    assert made_from["inputs"] == {"OUT/maa/ckpt.pt": vlmerge.fingerprint(os.path.join(out, "maa", "ckpt.pt"))}
+    assert "re-making" in capsys.readouterr().err
 
 
 def test_recipe_rerun_reuses_finished_stages(smoke):
@@ -245,8 +322,13 @@ def test_random_w0_is_one_timm_format_vit_that_every_model_loads(tmp_path):
 # --- model selection on val, Table 5's statistics and τ distances -----------------------------------
 
 def fabricated_models(val, test):
-    """A recipe's models dict with only the zero-shot numbers selection reads: {(method, value): avg}."""
-    return {f"src~{m}{v}": {"zero_shot_val": {"avg": val[m, v]}, "zero_shot": {"avg": test[m, v]}} for m, v in val}
+    """A recipe's model records with only what selection reads, from {(method, value): avg}; named in reverse so
+    that nothing can be found by building a name."""
+    models = {f"model{i}": {"name": f"model{i}", "source": "src", "method": m, "value": v,
+                            "zero_shot_val": {"avg": val[m, v]}, "zero_shot": {"avg": test[m, v]}}
+              for i, (m, v) in enumerate(reversed(list(val)))}
+    return models | {"other": {"name": "other", "source": "another", "method": "interpolation", "value": 0.5,
+                               "zero_shot_val": {"avg": 99}, "zero_shot": {"avg": 99}}}
 
 
 def test_sweeps_choose_alpha_gamma_and_the_method_on_val_never_on_test():
@@ -261,8 +343,7 @@ def test_sweeps_choose_alpha_gamma_and_the_method_on_val_never_on_test():
     chosen = vlmerge.select_on_val(fabricated_models(val, test), "src", preset)
     assert {m: chosen[m]["value"] for m in vlmerge.SWEEPS} == {"interpolation": 0.5, "modality_arithmetic": 1.0,
                                                                "regmean": 1.0}
-    assert chosen["best"] == {"method": "modality_arithmetic", "value": 1.0, "name": "src~modality_arithmetic1.0",
-                              "val": 31, "test": 15}
+    assert chosen["best"] == {"method": "modality_arithmetic", "value": 1.0, "name": "model2", "val": 31, "test": 15}
     assert chosen["interpolation"]["test"] == 20 and chosen["source"] == "src"
 
 
