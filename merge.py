@@ -900,9 +900,9 @@ class TemporalMerge:
     recency_weights(schedule, n), θ_0 a member only with all_with_base. Continual fine-tuning is
     ft/ft, offline merging zs/all, "Best-in-TIME" ema/ema.
 
-    technique is one of TECHNIQUES, with the options of its generic method of part 1: none for
-    interpolation, lam= for task_arithmetic, density=, lam= for ties, p=, lam=, seed= for dare,
-    lam= (default 1.0) for magmax. Every floating-point key is merged; other keys (integer
+    technique is one of TECHNIQUES, with the options of its generic method of part 1, declared in
+    TECHNIQUE_OPTIONS: none for interpolation, lam= for task_arithmetic, density=, lam= for ties,
+    p=, lam=, seed= for dare, lam= (default 1.0) for magmax. Every floating-point key is merged; other keys (integer
     buffers) are copied from the newest member. Memory: θ_0 (a copy) plus only what the chosen
     init and deploy need — E_t alone for ema (O(1) in t), the newest expert for ft, every expert
     for all. Weights handed out are fresh copies: training them in place changes nothing here.
