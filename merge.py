@@ -40,7 +40,6 @@ merging runs tensor by tensor, so memory beyond the output stays at a few copies
 tensor; a merged tensor keeps the dtype of its inputs — 16-bit inputs are combined in float32,
 RegMean solves in float64, and every distance accumulates in float64.
 """
-import inspect
 import math
 import zlib
 from typing import Callable, Iterable, Mapping, Sequence
@@ -459,8 +458,9 @@ def collect_grams(model: nn.Module, batches: Iterable, forward: Callable | None 
 
 # ---------------------------------------------------------------------------------------------
 # Part 2: multimodal merging (Sec. 4.1). Each method is one small function from the experts of
-# one sublayer — a dict modality → tensor, in the order v, l, vl — to the maa tensor. Its
-# keyword-only parameters are the method's options.
+# one sublayer — a dict modality → tensor, in the order v, l, vl — to the maa tensor; its formula
+# stands beside the line that computes it. Its options are declared in METHOD_OPTIONS and arrive,
+# checked and with their defaults filled in, as keyword-only arguments.
 # ---------------------------------------------------------------------------------------------
 
 def merged_key(key: str) -> tuple:
@@ -520,7 +520,7 @@ def _merge_modality_arithmetic(maa_key: str, experts: dict, expert_keys: dict, *
 
 
 def _merge_regmean(maa_key: str, experts: dict, expert_keys: dict, *, grams: Mapping[str, Tensor],
-                   gamma: float = 1.0) -> Tensor:
+                   gamma: float) -> Tensor:
     # Sec. 4.1: RegMean solves the linear weights and "evenly interpolates" the rest.
     if experts["v"].dim() != 2:
         return _mean(list(experts.values()))
@@ -533,12 +533,14 @@ def _merge_regmean(maa_key: str, experts: dict, expert_keys: dict, *, grams: Map
 def _merge_ties(maa_key: str, experts: dict, expert_keys: dict, *, density: float, lam: float,
                 init_state: StateDict) -> Tensor:
     w0 = _seed_tensor(init_state, maa_key, experts)
+    # TIES: W_0 + λ·mean_{m: sign(τ̂_m) = elected}(τ̂_m), τ̂_m = τ_m trimmed to its top density
     return _ties_tensor(w0, list(experts.values()), density, lam)
 
 
 def _merge_dare(maa_key: str, experts: dict, expert_keys: dict, *, p: float, lam: float, seed: int,
                 init_state: StateDict) -> Tensor:
     w0 = _seed_tensor(init_state, maa_key, experts)
+    # DARE: W_0 + λ Σ_m (mask_m ⊙ τ_m)/(1−p), each entry of mask_m kept with probability 1−p
     return _dare_tensor(maa_key, w0, list(experts.values()), p, lam, seed)
 
 
@@ -551,24 +553,33 @@ _MERGERS = {
 }
 METHODS = tuple(_MERGERS)
 
+REQUIRED = "required"  # an option without a default: the caller must give it
+# Each method's options, name → default (or REQUIRED), in the order the errors list them.
+METHOD_OPTIONS = {
+    "interpolation": {"alpha": REQUIRED},  # αW_v + (1−α)W_l (⅔ of it + ⅓W_vl where vl exists)
+    "modality_arithmetic": {"lam": REQUIRED, "init_state": REQUIRED},  # W_0 + λ Σ_m τ_m
+    "regmean": {"grams": REQUIRED, "gamma": 1.0},  # (Σ_m G̃_m)⁻¹ Σ_m G̃_m W_mᵀ, G̃ = γG+(1−γ)diag G
+    "ties": {"density": REQUIRED, "lam": REQUIRED, "init_state": REQUIRED},  # W_0 + λ·TIES(τ_m)
+    "dare": {"p": REQUIRED, "lam": REQUIRED, "seed": REQUIRED,  # W_0 + λ Σ_m mask_m ⊙ τ_m/(1−p)
+             "init_state": REQUIRED},
+}
 
-def _check_method_options(method: str, options: dict, table: Mapping | None = None,
-                          kind: str = "method") -> None:
-    """The options of a method of a table of small functions (their keyword-only parameters);
-    shared by merge_modalities (_MERGERS) and TemporalMerge (_TECHNIQUES, kind "technique")."""
-    table = _MERGERS if table is None else table
-    if method not in table:
-        raise ValueError(f"unknown {kind} {method!r}; valid {kind}s: {', '.join(table)}")
-    parameters = [p for p in inspect.signature(table[method]).parameters.values()
-                  if p.kind is p.KEYWORD_ONLY]
-    valid = ", ".join(p.name for p in parameters) or "none"
+
+def _method_options(kind: str, method: str, options: Mapping, declared: Mapping) -> dict:
+    """The options of one method (kind "method": METHOD_OPTIONS; "technique": TECHNIQUE_OPTIONS)
+    checked against its declaration, with the defaults of those not given filled in."""
+    if method not in declared:
+        raise ValueError(f"unknown {kind} {method!r}; valid {kind}s: {', '.join(declared)}")
+    defaults = declared[method]
+    valid = ", ".join(defaults) or "none"
     for name, value in options.items():
-        if name not in [p.name for p in parameters]:
+        if name not in defaults:
             raise ValueError(f"unknown option {name!r} for {kind} {method!r}; valid options: {valid}")
         _check_option(name, value)
-    for parameter in parameters:
-        if parameter.default is parameter.empty and parameter.name not in options:
-            raise ValueError(f"{kind} {method!r} needs option {parameter.name!r} (options: {valid})")
+    for name, default in defaults.items():
+        if default is REQUIRED and name not in options:
+            raise ValueError(f"{kind} {method!r} needs option {name!r} (options: {valid})")
+    return {**defaults, **options}
 
 
 def merge_modalities(state_dict: StateDict, method: str, **options) -> dict:
@@ -587,7 +598,7 @@ def merge_modalities(state_dict: StateDict, method: str, **options) -> dict:
     Keys without a modality segment are copied (integer buffers among them too); expert tensors
     must be floating point. The result is keyed as in the maa model and loads with strict=True.
     """
-    _check_method_options(method, options)
+    options = _method_options("method", method, options, METHOD_OPTIONS)
     merge = _MERGERS[method]
     groups = _group_experts(state_dict)
     for key, tensor in state_dict.items():
@@ -812,10 +823,10 @@ def recency_weights(schedule: str, n: int) -> list:
     return weights[::-1] if reverse else weights
 
 
-# Each technique as M(θ_0, members, weights, step, **options). weights (summing to 1) weigh the
-# members of interpolation only: task-vector techniques take θ_0 as their anchor and λ as their
-# scale, as in the official code. step is the EMA step t (0 for a one-shot merge); only DARE uses
-# it, so that every fold draws fresh masks.
+# Each technique as M(θ_0, members, weights, step, **options), its options declared in
+# TECHNIQUE_OPTIONS. weights (summing to 1) weigh the members of interpolation only: task-vector
+# techniques take θ_0 as their anchor and λ as their scale, as in the official code. step is the
+# EMA step t (0 for a one-shot merge); only DARE uses it, so that every fold draws fresh masks.
 def _time_interpolation(base, members, weights, step):
     return interpolate(members, weights)  # Σ_i w_i θ_i
 
@@ -825,15 +836,15 @@ def _time_task_arithmetic(base, members, weights, step, *, lam):
 
 
 def _time_ties(base, members, weights, step, *, density, lam):
-    return ties(base, members, density, lam)
+    return ties(base, members, density, lam)  # θ_0 + λ·(disjoint mean of the trimmed θ_i − θ_0)
 
 
 def _time_dare(base, members, weights, step, *, p, lam, seed):
     # A fixed seed would draw the same masks at every fold of the running merge.
-    return dare(base, members, p, lam, seed + step)
+    return dare(base, members, p, lam, seed + step)  # θ_0 + λ Σ_i mask_i ⊙ (θ_i − θ_0)/(1−p)
 
 
-def _time_magmax(base, members, weights, step, *, lam=1.0):
+def _time_magmax(base, members, weights, step, *, lam):
     return magmax(base, members, lam)  # θ_0 + λ τ_max
 
 
@@ -845,6 +856,14 @@ _TECHNIQUES = {
     "magmax": _time_magmax,
 }
 TECHNIQUES = tuple(_TECHNIQUES)
+# Each technique's options, name → default (or REQUIRED), as METHOD_OPTIONS for merge_modalities.
+TECHNIQUE_OPTIONS = {
+    "interpolation": {},  # Σ_i w_i θ_i
+    "task_arithmetic": {"lam": REQUIRED},  # θ_0 + λ Σ_i τ_i, τ_i = θ_i − θ_0
+    "ties": {"density": REQUIRED, "lam": REQUIRED},  # θ_0 + λ·TIES(τ_i)
+    "dare": {"p": REQUIRED, "lam": REQUIRED, "seed": REQUIRED},  # θ_0 + λ Σ_i mask_i ⊙ τ_i/(1−p)
+    "magmax": {"lam": 1.0},  # θ_0 + λ τ_max
+}
 
 # What each init/deploy choice hands over, or None for "θ_0" (before any expert exists). The same
 # four quantities serve both phases; only the moment differs (init before task t is trained,
@@ -881,9 +900,9 @@ class TemporalMerge:
     recency_weights(schedule, n), θ_0 a member only with all_with_base. Continual fine-tuning is
     ft/ft, offline merging zs/all, "Best-in-TIME" ema/ema.
 
-    technique is one of TECHNIQUES, with the options of its generic method of part 1: none for
-    interpolation, lam= for task_arithmetic, density=, lam= for ties, p=, lam=, seed= for dare,
-    lam= (default 1.0) for magmax. Every floating-point key is merged; other keys (integer
+    technique is one of TECHNIQUES, with the options of its generic method of part 1, declared in
+    TECHNIQUE_OPTIONS: none for interpolation, lam= for task_arithmetic, density=, lam= for ties,
+    p=, lam=, seed= for dare, lam= (default 1.0) for magmax. Every floating-point key is merged; other keys (integer
     buffers) are copied from the newest member. Memory: θ_0 (a copy) plus only what the chosen
     init and deploy need — E_t alone for ema (O(1) in t), the newest expert for ft, every expert
     for all. Weights handed out are fresh copies: training them in place changes nothing here.
@@ -911,14 +930,14 @@ class TemporalMerge:
                  schedule: str = "uniform", all_with_base: bool = False, **technique_options):
         self.init = _choice("init", init, INITS)
         self.deploy = _choice("deploy", deploy, DEPLOYS)
-        _check_method_options(technique, technique_options, _TECHNIQUES, kind="technique")
+        options = _method_options("technique", technique, technique_options, TECHNIQUE_OPTIONS)
         _check_option("ema_weight", ema_weight)
         self.schedule = _choice("schedule", schedule, SCHEDULES)
         if technique != "interpolation" and (schedule != "uniform" or ema_weight != 0.5):
             raise ValueError(f"schedule and ema_weight weigh the members of interpolation only; "
                              f"technique {technique!r} takes λ (lam=) and no per-member weights "
                              f"(got schedule={schedule!r}, ema_weight={ema_weight})")
-        self.technique, self.options = technique, dict(technique_options)
+        self.technique, self.options = technique, options
         self.ema_weight, self.ema_from_base, self.all_with_base = ema_weight, ema_from_base, all_with_base
         if not isinstance(base, Mapping) or not any(t.is_floating_point() for t in base.values()):
             raise ValueError("base (θ_0) must be a state dict with at least one floating-point tensor")

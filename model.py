@@ -404,8 +404,16 @@ def build_model(arch: str, variant: str, task: str = "pretrain", vocab_size: int
 
 
 def shared_key(key: str) -> str:
-    """`blocks.3.attn.v.qkv.weight` -> `blocks.3.attn.qkv.weight` (the maa / timm key)."""
-    return ".".join(part for part in key.split(".") if part not in MODALITIES)
+    """`blocks.3.attn.v.qkv.weight` -> `blocks.3.attn.qkv.weight` (the maa / timm key).
+
+    The naming convention of the module docstring, the same rule as merge.merged_key: delete the
+    one modality segment; a key with none is its own shared key, one with two is an error.
+    """
+    parts = key.split(".")
+    kept = [part for part in parts if part not in MODALITIES]
+    if len(parts) - len(kept) > 1:
+        raise ValueError(f"key {key!r}: more than one modality segment ({', '.join(MODALITIES)})")
+    return ".".join(kept)
 
 
 def strip_prefixes(state_dict: dict) -> dict:

@@ -3,6 +3,7 @@ Sec. 7 (Table 5, Eq. 1), merge_modalities on the naming convention, and the erro
 
 Every reference below is computed independently of merge.py: explicit sums, torch.linalg.lstsq or
 inv for RegMean, numbers written out by hand for the metrics."""
+import inspect
 import math
 import os
 import shutil
@@ -272,6 +273,30 @@ def test_merged_key_deletes_the_modality_segment():
     assert merged_key("level.vlx.weight") == ("level.vlx.weight", None)  # only whole segments count
     assert MODALITIES == ("v", "l", "vl")
     assert METHODS == ("interpolation", "modality_arithmetic", "regmean", "ties", "dare")
+
+
+def test_declared_options_are_each_methods_keyword_arguments():
+    # METHOD_OPTIONS / TECHNIQUE_OPTIONS are what users read and what errors list; the small functions
+    # receive them as keyword-only arguments, so the two must name the same options in the same order.
+    for functions, declared in ((merge._MERGERS, merge.METHOD_OPTIONS),
+                                (merge._TECHNIQUES, merge.TECHNIQUE_OPTIONS)):
+        assert list(functions) == list(declared)
+        for name, function in functions.items():
+            keyword_only = [p.name for p in inspect.signature(function).parameters.values()
+                            if p.kind is p.KEYWORD_ONLY]
+            assert keyword_only == list(declared[name]), name
+    assert merge.METHOD_OPTIONS["regmean"]["gamma"] == 1.0 and merge.TECHNIQUE_OPTIONS["magmax"]["lam"] == 1.0
+
+
+def test_defaults_are_filled_in_and_required_options_named():
+    msa, _ = fake_msa()
+    grams = expert_grams(msa)
+    assert all(torch.equal(a, b) for a, b in zip(merge_modalities(msa, "regmean", grams=grams).values(),
+                                                 merge_modalities(msa, "regmean", grams=grams, gamma=1.0).values()))
+    with pytest.raises(ValueError, match=r"method 'dare' needs option 'seed' \(options: p, lam, seed, init_state\)"):
+        merge_modalities(msa, "dare", p=0.5, lam=1.0, init_state={})
+    with pytest.raises(ValueError, match="unknown option 'gama' for method 'regmean'; valid options: grams, gamma"):
+        merge_modalities(msa, "regmean", grams=grams, gama=0.5)
 
 
 def method_options(msa, seed_state):
@@ -612,3 +637,20 @@ def test_seed_handover_then_merge_gives_the_maa_weights_back(method):
     merged = merge_modalities(msa, method, **method_options(msa, maa.state_dict())[method])
     assert merged.keys() == maa.state_dict().keys()
     assert all(torch.equal(merged[k], v) for k, v in maa.state_dict().items())
+
+
+def test_model_shared_key_and_merged_key_are_one_rule():
+    # model.py and merge.py share the v/l/vl convention without importing each other: on every key
+    # of every variant and task head the two must agree, and both must refuse two modality segments.
+    model = pytest.importorskip("model")
+    checked = 0
+    for variant in model.VARIANTS:
+        for task in model.TASKS:
+            for key in model.build_model("vit_tiny", variant, task, **SMALL).state_dict():
+                assert model.shared_key(key) == merged_key(key)[0], (variant, task, key)
+                checked += 1
+    assert checked > 0
+    assert model.shared_key("blocks.3.attn.v.qkv.weight") == "blocks.3.attn.qkv.weight"
+    for rule in (model.shared_key, merged_key):
+        with pytest.raises(ValueError, match=r"key 'blocks.0.attn.v.l.qkv.weight': more than one modality segment"):
+            rule("blocks.0.attn.v.l.qkv.weight")

@@ -244,17 +244,57 @@ def test_merge_command_errors_are_one_line(tmp_path):
     assert proc.returncode == 2 and "missing.pt does not exist" in proc.stderr
 
 
+def experts_by_hand(state_dict, modality):
+    """{maa key: tensor} of one modality's experts, the segment deleted by string surgery."""
+    return {k.replace(f".{modality}.", "."): t for k, t in state_dict.items() if f".{modality}." in k}
+
+
+def metrics_by_hand(a, b):
+    """Sec. 7's L2, cosine dissimilarity and SSD (Eq. 1) of two state dicts, over one flat float64 vector;
+    TSSD from merge, on the given dicts."""
+    x = torch.cat([a[k].double().flatten() for k in sorted(a)])
+    y = torch.cat([b[k].double().flatten() for k in sorted(a)])
+    assert ((x == 0) & (y == 0)).sum() == 0  # SSD's 0/0 convention never needed here
+    return {"l2": (x - y).norm().item(), "cosine": 1 - (x @ y / (x.norm() * y.norm())).item(),
+            "ssd": 1 - ((x + y).abs() / (x.abs() + y.abs())).mean().item(), "tssd": merge.tssd(a, b)}
+
+
+def assert_metrics(got, expected, prefix=""):
+    for name, value in expected.items():
+        assert got[prefix + name] == pytest.approx(value, rel=1e-7, abs=1e-12), (prefix + name, got, expected)
+
+
 def test_distance_command_matches_merge_metrics(tmp_path):
-    src = msa_checkpoint(str(tmp_path / "msa.pt"))
-    msa_checkpoint(str(tmp_path / "msa2.pt"), seed=1)
-    proc = cli("distance", str(tmp_path / "msa.pt"), "--json", str(tmp_path / "d.json"))
+    src = msa_checkpoint(str(tmp_path / "msa.pt"))["model"]
+    other = msa_checkpoint(str(tmp_path / "msa2.pt"), seed=1)["model"]
+    w0 = msa_checkpoint(str(tmp_path / "w0.pt"), seed=2, variant="maa")["model"]
+    proc = cli("distance", str(tmp_path / "msa.pt"), "--init-state", str(tmp_path / "w0.pt"),
+               "--json", str(tmp_path / "d.json"))
     assert proc.returncode == 0, proc.stderr
     got = json.load(open(tmp_path / "d.json"))
-    v, l = merge.modality_weights(src["model"])
-    assert got["tssd"] == pytest.approx(merge.tssd(v, l)) and got["l2"] == pytest.approx(merge.l2_distance(v, l))
-    assert "| tssd |" in proc.stdout
-    two = vlmerge.distances(src["model"], train.load_checkpoint(str(tmp_path / "msa2.pt"))["model"])
-    assert two["l2"] > 0
+    assert "| tssd |" in proc.stdout and "| tau_tssd |" in proc.stdout
+    # the v and l experts, paired by their maa key; the modality vectors τ_m = W_m − W⁰ (Sec. 4.1)
+    v, l = experts_by_hand(src, "v"), experts_by_hand(src, "l")
+    assert v.keys() == l.keys() and len(v) > 0
+    tau_v = {k: v[k] - w0[k] for k in v}
+    tau_l = {k: l[k] - w0[k] for k in l}
+    assert set(got) == {"layers", *(p + m for p in ("", "tau_") for m in ("l2", "cosine", "ssd", "tssd"))}
+    assert_metrics(got, metrics_by_hand(v, l))
+    assert_metrics(got, metrics_by_hand(tau_v, tau_l), prefix="tau_")
+    # the per-layer table: each metric on that layer's keys alone
+    assert set(got["layers"]) == {"blocks.0", "blocks.1", "norm"}
+    for layer in ("blocks.1", "norm"):
+        keys = [k for k in v if k.startswith(layer + ".")]
+        assert_metrics(got["layers"][layer], metrics_by_hand({k: v[k] for k in keys}, {k: l[k] for k in keys}))
+        assert_metrics(got["layers"][layer], metrics_by_hand({k: tau_v[k] for k in keys},
+                                                             {k: tau_l[k] for k in keys}), prefix="tau_")
+    # two checkpoints: the metrics of their whole state dicts
+    proc = cli("distance", str(tmp_path / "msa.pt"), str(tmp_path / "msa2.pt"), "--json", str(tmp_path / "d2.json"))
+    assert proc.returncode == 0, proc.stderr
+    got = json.load(open(tmp_path / "d2.json"))
+    assert got["l2"] == pytest.approx(math.sqrt(sum(((src[k].double() - other[k].double()) ** 2).sum().item()
+                                                    for k in src)), rel=1e-7)
+    assert_metrics(got, metrics_by_hand(src, other))
 
 
 def test_pearson_by_hand():
