@@ -162,8 +162,21 @@ def _split_punctuation(word):
     return pieces + [current] if current else pieces
 
 
+# Printable ASCII (letters, digits, the space and ASCII punctuation: most captions and every synthetic one) has no
+# control, CJK or accented character, so BasicTokenizer reduces to lower-casing and cutting at spaces and at each
+# punctuation mark; a test checks this fast path against the general one. Evaluation tokenizes every caption of a
+# split for every model, so this is most of a zero-shot evaluation's time on a CPU.
+_ASCII_WORDS = re.compile(r"[a-z0-9]+|[^a-z0-9 ]")
+
+
 def basic_tokenize(text):
     """BERT's BasicTokenizer (uncased): the words WordPiece then segments."""
+    if text.isascii() and text.isprintable():
+        return _ASCII_WORDS.findall(text.lower())
+    return _basic_tokenize(text)
+
+
+def _basic_tokenize(text):
     # NUL, U+FFFD and control/format characters go; every kind of whitespace becomes a space
     text = "".join(" " if _is_whitespace(c) else c for c in text if not (c in "\x00\ufffd" or _is_control(c)))
     text = "".join(f" {c} " if _is_cjk(c) else c for c in text)
@@ -185,6 +198,7 @@ class Tokenizer:
         self.vocab = dict(vocab)
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (self.vocab[t] for t in SPECIAL_TOKENS)
         self.special_ids = {self.vocab[t] for t in SPECIAL_TOKENS}
+        self._memo = {}  # text -> its tokens (tokenize)
 
     @classmethod
     def from_vocab_file(cls, path):
@@ -211,7 +225,18 @@ class Tokenizer:
         return len(self.vocab)
 
     def tokenize(self, text):
-        """WordPiece tokens of `text`, exactly as bert-base-uncased gives them."""
+        """WordPiece tokens of `text`, exactly as bert-base-uncased gives them (a list the caller may keep).
+
+        Memoized per tokenizer: a recipe scores every model on the same captions and trains every stage on the
+        same sample order, so most texts come back many times (the memo is emptied at 2^17 texts)."""
+        tokens = self._memo.get(text)
+        if tokens is None:
+            if len(self._memo) >= 1 << 17:
+                self._memo.clear()
+            tokens = self._memo[text] = tuple(self._tokenize(text))
+        return list(tokens)
+
+    def _tokenize(self, text):
         tokens = []
         # a special token typed in the text stays whole (case-sensitive), as in HF
         for i, chunk in enumerate(_SPECIAL_PATTERN.split(text)):
@@ -735,6 +760,29 @@ _SAMPLE = {
 }
 
 
+# A recipe draws the same samples again and again: maa, msa and every seeded msa train on one sample order, and
+# every model is scored on the same splits. Drawing a captioned scene (~0.3 ms) and rendering it (~0.3 ms) cost
+# as much as a tenth of a tiny pre-training step, so both are kept for reuse within the process, up to
+# MEMO_BYTES of pixels (then nothing more is kept). The tensors handed out are shared: nothing may write into
+# them in place (the Collator resizes, augments and normalizes into new tensors).
+MEMO_BYTES = 1 << 30
+_memo, _memo_bytes = {}, [0]
+
+
+def _memoized(key, make, nbytes=lambda value: 0):
+    value = _memo.get(key)
+    if value is None:
+        value = make()
+        if _memo_bytes[0] < MEMO_BYTES:
+            _memo[key] = value
+            _memo_bytes[0] += nbytes(value) + 200  # + the key and the spec, roughly
+    return value
+
+
+def _pixel_bytes(rendered):
+    return sum(t.numel() * t.element_size() for t in rendered)
+
+
 class SyntheticDataset(Dataset):
     """One task × split of a SyntheticWorld; sample i is made on demand from (seed, task, split, i)."""
 
@@ -754,7 +802,8 @@ class SyntheticDataset(Dataset):
         """Scene j's spec from its own random stream (str seeds: stable across runs); attempt > 0 are the
         redraws that make a val/test retrieval split unambiguous."""
         key = f"{self.world.seed}/{self.task}/{self.split}/{j}" + (f"/{attempt}" if attempt else "")
-        return _MAKE[self.task](random.Random(key), self.split, self.world)
+        return _memoized(("spec", repr(self.world), key),
+                         lambda: _MAKE[self.task](random.Random(key), self.split, self.world))
 
     def spec(self, i):
         """What sample i shows, without pixels: {"scenes", "text", task fields}."""
@@ -766,7 +815,9 @@ class SyntheticDataset(Dataset):
 
     def __getitem__(self, i):
         spec = self.spec(i)
-        images, maps = render(spec["scenes"], self.world.image_size)
+        size = self.world.image_size
+        images, maps = _memoized(("pixels", size, repr(spec["scenes"])), lambda: render(spec["scenes"], size),
+                                 _pixel_bytes)
         return _SAMPLE[self.task](spec, images, maps)
 
 

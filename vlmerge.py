@@ -61,6 +61,7 @@ from tqdm import tqdm
 import data
 import merge
 import train
+import model as model_lib
 from model import ARCHS, VARIANTS, build_model, is_backbone_key
 
 
@@ -1585,14 +1586,12 @@ def bench_vision(args, device, shape, rows):
                      f"torchvision ViT {1000 * t.ref:.1f} ms", t, "≤ 1.05"])
 
 
-def bench_pretrain(args, device, shape, rows, arch):
-    """A full ITC+ITM+MLM optimizer step: samples/s, tokens/s, and on CUDA the MFU."""
-    size, patch, depth, batch, repeats = shape
-    text_len = 40
+def pretrain_step(args, device, arch, size, patch, depth, batch, text_len):
+    """One full ITC+ITM+MLM optimizer step of an msa on a fixed random batch, as a function; and its model."""
     model = build_model(arch, "msa", image_size=size, patch_size=patch, depth=depth).to(device)
     objective = train.Objective(model)
     runner = torch.compile(objective) if args.compile else objective
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     batch_data = random_pretrain_batch(model.cfg, batch, text_len, device, torch.Generator().manual_seed(0))
     autocast = torch.autocast(device.type, torch.bfloat16)
 
@@ -1602,6 +1601,14 @@ def bench_pretrain(args, device, shape, rows, arch):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return step, model
+
+
+def bench_pretrain(args, device, shape, rows, arch):
+    """A full ITC+ITM+MLM optimizer step: samples/s, tokens/s, and on CUDA the MFU."""
+    size, patch, depth, batch, repeats = shape
+    text_len = 40
+    step, model = pretrain_step(args, device, arch, size, patch, depth, batch, text_len)
     t = median_seconds(step, device, repeats)
     flops = pretrain_flops(model.cfg, batch, text_len)
     achieved = flops / t / 1e12
@@ -1611,6 +1618,34 @@ def bench_pretrain(args, device, shape, rows, arch):
     rows.append(["pre-training step (bf16)", label, f"{batch / t:.1f} img/s, {batch * text_len / t:.0f} tok/s",
                  f"{achieved:.2f} TFLOP/s" + (f" of {peak:.0f} peak" if peak else ""),
                  achieved / peak if peak else None, "MFU ≥ 0.45 (vit_base, H100, --compile)"])
+
+
+@contextlib.contextmanager
+def sdpa_own_choice():
+    """SDPA picks its kernel itself (model.attention_kernel's CPU math-kernel rule switched off)."""
+    saved, model_lib.CPU_MATH_UP_TO = model_lib.CPU_MATH_UP_TO, 0
+    try:
+        yield
+    finally:
+        model_lib.CPU_MATH_UP_TO = saved
+
+
+def bench_attention(args, device, rows, repeats):
+    """The CPU attention rule (model.attention_kernel) against SDPA's own kernel choice, in a bf16 pre-training
+    step of the tiny preset's shapes (17 / 32 / 49 tokens) and of 224-px images (197 image tokens)."""
+    if device.type != "cpu":
+        return
+    shapes = [(32, 8, 4, 64, 32)] + ([] if args.quick else [(224, 16, 4, 8, 32)])
+    for size, patch, depth, batch, text_len in shapes:
+        step, _ = pretrain_step(args, device, "vit_tiny", size, patch, depth, batch, text_len)
+
+        def own_choice():
+            with sdpa_own_choice():
+                step()
+        paired = paired_seconds(own_choice, step, device, max(repeats, 3))
+        rows.append(["attention kernel, pre-training step", f"vit_tiny msa depth {depth}, batch {batch}, {size} px",
+                     f"{paired.ours * 1e3:.0f} ms (math ≤ {model_lib.CPU_MATH_UP_TO} tokens)",
+                     f"SDPA's own choice {paired.ref * 1e3:.0f} ms", paired, "< 1"])
 
 
 def bench_merge(args, device, arch, rows, repeats):
@@ -1706,6 +1741,7 @@ def run_bench(args):
         shape = vision if args.quick else (224, 16, 12, (128 if arch == "vit_tiny" else 64) if device.type == "cuda"
                                            else 8, repeats)
         bench_pretrain(args, device, shape, rows, arch)
+    bench_attention(args, device, rows, repeats)
     state = bench_merge(args, device, args.arch if args.quick else "vit_base", rows, repeats)
     bench_distances(device, state, rows, repeats)
     bench_data(args, rows, repeats)

@@ -55,6 +55,25 @@ def test_tokenize_matches_bert_base_uncased(tok, text, expected):
     assert tok.tokenize(text) == expected
 
 
+def test_ascii_fast_path_equals_the_general_basic_tokenizer():
+    """basic_tokenize's printable-ASCII shortcut against the general character-by-character rules, on random
+    strings over every printable ASCII character (punctuation runs, digits, capitals, repeated spaces)."""
+    import random
+    import string
+    rng = random.Random(0)
+    alphabet = string.printable[:95]  # the 95 printable ASCII characters, space included
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(2000)]
+    texts += ["A small RED circle, at the top-left.", "x--y", "  a  b  ", "it's 3:45!", "~`^_|"]
+    for text in texts:
+        assert data.basic_tokenize(text) == data._basic_tokenize(text), text
+
+
+def test_tokenize_memo_hands_out_fresh_lists(tok):
+    first = tok.tokenize("hello world")
+    first.append("x")  # a caller changing its list must not change the memo
+    assert tok.tokenize("hello world") == ["hello", "world"]
+
+
 def test_encode_wraps_in_cls_sep_pads_and_truncates_keeping_sep(tok):
     ids, mask = tok.encode("", max_len=5)
     assert ids.tolist() == [3, 4, 0, 0, 0] and mask.tolist() == [1, 1, 0, 0, 0]

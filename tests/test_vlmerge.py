@@ -321,7 +321,8 @@ def test_bench_quick_prints_a_table_with_finite_ratios(tmp_path):
     assert "| benchmark | setting | ours | reference | ratio | range | target |" in proc.stdout
     rows = json.load(open(tmp_path / "bench.json"))["rows"]
     names = {r["benchmark"] for r in rows}
-    assert {"vision route fwd+bwd", "merge_modalities interpolation", "collect_grams", "distance tssd",
+    assert {"vision route fwd+bwd", "attention kernel, pre-training step", "merge_modalities interpolation",
+            "collect_grams", "distance tssd",
             "synthetic world", "loader (RandAugment + MLM)"} <= names
     no_reference = ("synthetic world", "state-dict copy (reference)")
     for r in rows:
