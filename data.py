@@ -1,8 +1,8 @@
 """Data for vlmerge: a BERT tokenizer, a synthetic vision-language world, real-format loaders, and collate.
 
 Everything the experiments feed a model starts here as a *sample*: a dict with an `"image"` (uint8 (3,H,W))
-and task fields. `Collator` turns a list of samples into a batch of tensors, and `build_loader` wraps both in
-a DataLoader. This file knows nothing of models.
+and task fields. `Collator` turns a list of samples into a batch of tensors (train.py's `batch_stream` puts
+both in a DataLoader). This file knows nothing of models.
 
 **Tokenizer.** Sec. 5 encodes text with the bert-base-uncased tokenizer, 40 tokens long. `Tokenizer` is
 that tokenizer written out: BERT's basic tokenization (text cleanup, lowercasing, accent stripping,
@@ -115,7 +115,7 @@ from pathlib import Path
 import torch
 from einops import rearrange, repeat
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -1572,8 +1572,8 @@ class Collator:
     (None counts as 0) and a hash of the batch's token ids. So the masks are a function of the batch
     alone — the same whatever the DataLoader workers, the rank or a resume from a checkpoint — while a
     sample still gets new masks each epoch, as it lands in another batch. RandAugment (torchvision) draws
-    from torch's global RNG, which DataLoader seeds per worker from the loader's generator (build_loader
-    seeds it). Segmentation samples are not RandAugmented: its geometric ops would move the image away from
+    from torch's global RNG, which DataLoader seeds per worker from the loader's generator (train.batch_stream
+    seeds it per rank and epoch). Segmentation samples are not RandAugmented: its geometric ops would move the image away from
     the mask.
     """
 
@@ -1674,17 +1674,3 @@ class Collator:
         flat = input_ids.flatten()
         batch_hash = int(_hash31(flat * 1_000_003 + torch.arange(len(flat))).sum())
         return torch.Generator().manual_seed((batch_hash * 1_000_003 + (self.seed or 0)) % 2**63)
-
-
-def build_loader(dataset, collator, batch_size, shuffle, seed, num_workers=0, distributed=False, drop_last=None):
-    """A DataLoader; with `distributed`, a DistributedSampler (call `loader.sampler.set_epoch(e)` each epoch).
-
-    drop_last defaults to `shuffle`: training drops the ragged last batch, evaluation keeps every sample
-    (a DistributedSampler then pads with repeated samples to split evenly across ranks).
-    """
-    drop_last = shuffle if drop_last is None else drop_last
-    sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last) if distributed else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      collate_fn=collator, num_workers=num_workers, drop_last=drop_last,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-                      generator=torch.Generator().manual_seed(seed))

@@ -499,29 +499,6 @@ def test_randaugment_changes_training_images_but_never_segmentation_ones():
     assert torch.equal(train(samples)["images"], plain(samples)["images"])
 
 
-def test_build_loader_is_deterministic_and_works_with_workers():
-    ds = WORLD.dataset("retrieval", "val")
-    collate = data.Collator(WORLD.tokenizer(), max_len=32, seed=0)
-    order = [torch.cat([b["image_id"] for b in data.build_loader(ds, collate, 50, True, seed=5)]) for _ in range(2)]
-    assert torch.equal(order[0], order[1]) and len(order[0]) == len(ds)
-    loader = data.build_loader(ds, collate, 32, shuffle=False, seed=0, num_workers=2)
-    batches = list(loader)
-    assert len(batches) == 32 and batches[-1]["images"].shape[0] == len(ds) % 32  # eval keeps the ragged end
-    assert torch.equal(torch.cat([b["image_id"] for b in batches]), torch.tensor(ds.caption_image))
-
-
-def test_build_loader_uses_a_distributed_sampler(tmp_path):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
-    try:
-        loader = data.build_loader(WORLD.dataset("cls", "val"), data.Collator(WORLD.tokenizer()), 16, True, seed=1,
-                                   distributed=True)
-        assert isinstance(loader.sampler, torch.utils.data.DistributedSampler)
-        loader.sampler.set_epoch(1)
-        assert next(iter(loader))["label"].shape == (16,)
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 # --- real-format loaders, on fixtures written here --------------------------------------------------------
 
 def png(path, mode="RGB", value=100):

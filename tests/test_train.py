@@ -491,3 +491,33 @@ def test_two_rank_run_killed_and_resumed_equals_the_uninterrupted_run(tmp_path):
     for rank in (0, 1):  # every rank's random stream continued where its own left off
         assert torch.equal(torch.load(os.path.join(full, f"rng{rank}.pt"), weights_only=True),
                            torch.load(os.path.join(cut, f"rng{rank}.pt"), weights_only=True))
+
+
+def test_batch_stream_is_deterministic_shards_ranks_and_skips_to_a_step():
+    """train.batch_stream, the one loader of the project: the same batches for the same seed (with DataLoader
+    workers too), disjoint shards per rank, and a stream started at step s equal to the full stream's step s."""
+    import data
+
+    class Numbered(torch.utils.data.Dataset):  # sample i says which it is
+        def __len__(self):
+            return 400
+
+        def __getitem__(self, i):
+            return {"image": torch.zeros(3, 8, 8, dtype=torch.uint8), "text": "a", "image_id": i}
+    dataset = Numbered()
+    collate = data.Collator(data.SyntheticWorld().tokenizer(), max_len=8, seed=0)
+    args = train.parse_args(["--seed", "5"])
+    cpu = torch.device("cpu")
+
+    def ids(rank=0, world_size=1, start=0, workers=0, n=4):
+        args.workers = workers
+        stream = train.batch_stream(dataset, collate, args, 50, rank, world_size, start, cpu)
+        return [next(stream)["image_id"].tolist() for _ in range(n)]
+    first = ids()
+    assert first == ids(workers=2) and first[2:] == ids(start=2, n=2)  # workers; resume at step 2
+    assert sorted(sum(first + ids(start=4), [])) == list(range(400))     # an epoch sees each sample once
+    shards = [sum(ids(rank=r, world_size=2), []) for r in (0, 1)]         # 4 x 50 per rank: one epoch
+    assert sorted(shards[0] + shards[1]) == list(range(400))
+    assert sum(ids(n=8), []) != sum(ids(n=16)[8:], [])                     # the next epoch is reshuffled
+    with pytest.raises(ValueError, match="smaller than one micro-batch"):
+        next(train.batch_stream(dataset, collate, args, 401, 0, 1, 0, cpu))
