@@ -975,9 +975,9 @@ class TemporalPreset:
 
 
 TEMPORAL_PRESETS = {
-    # the whole grid in a few steps per task: the test suite runs it (2.1 min wall on a loaded 2-core machine)
+    # the whole grid in a few steps per task: the test suite runs it (README: the suite's slowest tests)
     "smoke": TemporalPreset(),
-    # the README's grid with --seeds 3: 27 min wall, 13 min of CPU on a 2-core machine at load 5-6 (README)
+    # the README's grid with --seeds 3: 9.7 min wall on a quiet 2-core machine (README, "Merging over time")
     "tiny": TemporalPreset(base_steps=1500, task_steps=30, lr=1e-3, test_per_concept=8),
 }
 
