@@ -12,9 +12,11 @@ The recipe (`recipe`), stage by stage -- each stage is an ordinary train.py run 
 output under OUT/<stage>/ with a record of what it was made from (its flags and the content of its input
 files). A stage is reused when that record matches, so an interrupted recipe resumes; a stage whose flags or
 parent changed is made anew, and so is everything downstream of it:
-  0. init      the shared starting point W⁰: the paper uses BEiT, an image-only ViT; with nothing to
-               download we pre-train a plain ViT on the synthetic images (image classification) and
-               save it as a timm-format state dict, loaded through model.load_vit_weights.
+  0. init      the shared starting point W⁰, a timm-format ViT file loaded through model.load_vit_weights:
+               the paper uses BEiT (`--init`, required by `paper`); stage 0 stands in for it by training a
+               plain ViT on the synthetic images (shape classification, `init_steps`; `smoke` runs it); `tiny`
+               saves a random ViT instead (init_steps=0): the classification W⁰ slows VL learning at that
+               scale (README, "Departures", has the measurements).
   1. Table 1   maa and msa pre-trained from W⁰; the merging baseline = that msa, interpolated α=0.5.
   2. Fig. 3    seed pre-training: maa for K_seed steps, then msa from it for K_VL, K_seed + K_VL = K.
                The maa seeds are snapshots of the maa run of step 1 at step K_seed (train.py --keep-at):
