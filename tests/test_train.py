@@ -135,6 +135,32 @@ def test_gradient_accumulation_equals_one_step_on_the_full_batch():
         torch.testing.assert_close(results[1][key], results[0][key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_head_lr_mult_speeds_up_only_the_freshly_initialized_head():
+    """--head-lr-mult 10: Adam's first step moves every weight by about its group's lr (|g| / (|g| + eps)),
+    so the VQA head (which no pre-trained checkpoint has) moves 10x as far as the backbone and as the
+    pooler (which pre-training's ITM trained); without the flag the optimizer keeps its two groups."""
+    import argparse
+    from model import build_model
+    torch.manual_seed(0)
+    model = build_model("vit_tiny", "maa", "vqa", vocab_size=40, image_size=32, patch_size=8, depth=2,
+                        fusion_layers=1, num_answers=6)
+    args = argparse.Namespace(lr=1e-3, head_lr_mult=10.0, weight_decay=0.0, steps=10, warmup=0, precision="fp32")
+    optimizer, scheduler, _ = train.make_optimizer(args, model, torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    fast = {names[id(p)] for g in optimizer.param_groups if g["lr"] == pytest.approx(1e-2) for p in g["params"]}
+    assert fast == {n for n, _ in model.named_parameters() if n.startswith("vqa_head.")}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+    assert moved["vqa_head.3.weight"] == pytest.approx(1e-2, rel=1e-3)
+    assert moved["pooler.0.weight"] == pytest.approx(1e-3, rel=1e-3)
+    assert moved["patch_embed.proj.weight"] == pytest.approx(1e-3, rel=1e-3)
+    args.head_lr_mult = 1.0
+    assert len(train.make_optimizer(args, model, torch.device("cpu"))[0].param_groups) == 2
+
+
 def test_gram_forward_feeds_each_expert_only_its_own_modality():
     """RegMean's Grams are X^T X of each expert's inputs: the v experts must see image tokens only, the
     l experts text tokens only, the vl experts the fused sequence (Fig. 2b), never the other's."""

@@ -214,6 +214,18 @@ def test_paper_preset_dry_run_builds_every_stage(tmp_path):
     assert not os.path.exists(tmp_path / "paper" / "maa" / "ckpt.pt")  # nothing was trained
 
 
+def test_tiny_preset_fine_tunes_vqa_with_its_own_lr_and_a_10x_head(tmp_path):
+    """tiny's VQA stages run 300 steps at lr 2e-4 with the answer head at 10x (150 steps at 5e-4 collapsed
+    to one answer); retrieval keeps the preset's 5e-4 and has no fresh head to speed up."""
+    plan = vlmerge.main(["recipe", "--preset", "tiny", "--dry-run", "--out", str(tmp_path / "t")])["plan"]
+    vqa = [line for line in plan if "--task vqa" in line]
+    retrieval = [line for line in plan if "--task retrieval" in line]
+    assert vqa and retrieval
+    assert all("--steps 300 " in line and "--lr 0.0002 " in line and "--warmup 30 " in line
+               and "--head-lr-mult 10.0" in line for line in vqa)
+    assert all("--lr 0.0005 " in line for line in retrieval)
+
+
 def test_paper_preset_without_init_is_one_clear_error(tmp_path):
     proc = cli("recipe", "--preset", "paper", "--dry-run", "--out", str(tmp_path / "p"))
     assert proc.returncode == 2
