@@ -102,15 +102,15 @@ class Preset:
 
 
 PRESETS = {
-    # every stage, a few steps each: the test suite runs this (141 s on 2 CPU cores, AMD EPYC, torch 2.14)
+    # every stage, a few steps each: the test suite runs this (a few minutes on 2 CPU cores)
     "smoke": Preset(depth=2, fusion_layers=1, image_size=32, patch_size=8, max_len=32, batch_size=16, lr=1e-3,
                     precision="fp32", init_steps=4, pretrain_steps=6, seed_fracs=(0.5,), gram_samples=32,
                     alphas=(0.0, 0.5, 1.0), lams=(0.5, 1.0), gammas=(0.5, 1.0),
                     finetune={"vqa": 3, "retrieval": 3, "nlvr2": 2, "cls": 2, "seg": 2}, finetune_lr=1e-3,
                     finetune_seeds=2, finetune_sweeps=True),
-    # the README's headline reproduction: 12.4 minutes on 2 CPU cores (+5.4 with --ablation), measured before
-    # max_len 32 and the val-split scoring of every merge (re-measure); K_seed/K = 0.875 costs 38 msa steps and
-    # makes 5 points per pre-training seed for Table 5's r (15 with --seeds 3)
+    # the README's headline reproduction: 14 min wall on 2 CPU cores (README, "Results"); K_seed/K = 0.875 costs
+    # 38 msa steps and makes 5 points per pre-training seed for Table 5's r (15 with --seeds 3); VQA: 300 steps at
+    # its own lr with a 10x head (at 150 steps and 5e-4 it collapsed to one answer)
     # init_steps=0: a random W⁰, because our image-only stand-in for BEiT hurt VL learning at this
     # scale (README, "Departures"); the smoke preset still runs stage 0
     "tiny": Preset(depth=4, fusion_layers=2, image_size=32, patch_size=8, max_len=32, batch_size=64, lr=5e-4,
