@@ -1740,7 +1740,10 @@ def run_bench(args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but no CUDA device is available")
-    repeats = 1 if args.quick else 5
+    # pairs of (reference, candidate) timings per ratio: its median and min-max; one pair has no range
+    repeats = args.pairs or (3 if args.quick else 5)
+    if repeats < 1:
+        raise ValueError(f"--pairs {args.pairs}: give at least 1")
     # (image size, patch, depth, batch, repeats) of the vision-route and pre-training comparisons
     vision = (32, 8, 2, 8, repeats) if args.quick else ((224, 16, 12, 64 if device.type == "cuda" else 8, repeats))
     rows = []
@@ -1909,7 +1912,8 @@ def build_parser():
     p = sub.add_parser("bench", help="speed and memory against references in the same process")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--arch", default="vit_tiny", choices=list(ARCHS))
-    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: checks the table is produced")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 3 pairs: a fast check of the table")
+    p.add_argument("--pairs", type=int, default=None, help="timing pairs per ratio (default 5; --quick: 3)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd training steps")
     p.add_argument("--json", default="bench.json")
     p.set_defaults(func=run_bench)
