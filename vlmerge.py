@@ -143,7 +143,6 @@ PAPER = {
                "cosine": [0.371, 0.264, 0.163, 0.098, 0.938], "ssd": [0.198, 0.161, 0.125, 0.104, 0.939],
                "tssd": [0.066, 0.037, 0.015, 0.006, 0.971], "drop": [9.16, 4.50, 2.80, 2.60]},
 }
-MASTER = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 removes stale outputs and writes reports
 GRAM_BATCH = 64  # samples per forward while collecting Grams (memory only: the Grams are sums over samples)
 METRICS = {"l2": merge.l2_distance, "cosine": merge.cosine_dissimilarity, "ssd": merge.ssd, "tssd": merge.tssd}
 # the Table 2 sweeps: method -> (its option, the preset field of its values, its symbol)
@@ -236,10 +235,11 @@ class Recipe:
             return True
         changed = "no record of its inputs" if old is None else ", ".join(
             k for k in made_from if old.get(k) != made_from[k]) + " changed"
-        if MASTER:  # under torchrun every rank reaches the same verdict; one of them removes
-            print(f"recipe: re-making {output} ({changed})", file=sys.stderr)
-            os.remove(output)
-        train.barrier()
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # ranks would race to remove and re-make it
+            raise ValueError(f"recipe: {output} is stale ({changed}); re-make stale stages with one process "
+                             f"(python vlmerge.py recipe ...), then resume under torchrun")
+        print(f"recipe: re-making {output} ({changed})", file=sys.stderr)
+        os.remove(output)
         return False
 
     def stage(self, name, argv) -> dict:
@@ -253,9 +253,7 @@ class Recipe:
         made_from, record = self.made_from(argv), os.path.join(out, "made_from.json")
         metrics_path = os.path.join(out, "metrics.json")
         if not self.cached(metrics_path, record, made_from):
-            if MASTER:
-                shutil.rmtree(out, ignore_errors=True)  # a stale run's log, checkpoints and snapshots go with it
-            train.barrier()
+            shutil.rmtree(out, ignore_errors=True)  # a stale run's log, checkpoints and snapshots go with it
             train.run(argv)
             train.write_json(record, made_from)
         with open(metrics_path) as f:
