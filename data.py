@@ -766,16 +766,17 @@ _SAMPLE = {
 # MEMO_BYTES of pixels (then nothing more is kept). The tensors handed out are shared: nothing may write into
 # them in place (the Collator resizes, augments and normalizes into new tensors).
 MEMO_BYTES = 1 << 30
-_memo, _memo_bytes = {}, [0]
+_memo, _memo_bytes = {}, 0
 
 
 def _memoized(key, make, nbytes=lambda value: 0):
+    global _memo_bytes
     value = _memo.get(key)
     if value is None:
         value = make()
-        if _memo_bytes[0] < MEMO_BYTES:
+        if _memo_bytes < MEMO_BYTES:
             _memo[key] = value
-            _memo_bytes[0] += nbytes(value) + 200  # + the key and the spec, roughly
+            _memo_bytes += nbytes(value) + 200  # + the key and the spec, roughly
     return value
 
 

@@ -86,8 +86,8 @@ class ModelConfig:
 # The ViT block (timm's, so timm checkpoints load exactly), made multiway.
 
 # On the CPU, SDPA's flash kernel spends most of a training step in its backward at this project's short
-# sequences (17-49 tokens at 32 px): its math kernel (qkᵀ, softmax, ·v as plain ops) trains the tiny preset
-# ~1.35x faster (README, "Speed"). Long sequences keep SDPA's own choice, which saves memory there.
+# sequences (17-49 tokens at 32 px): its math kernel (qkᵀ, softmax, ·v as plain ops) trains the tiny maa at
+# 188 instead of 148 samples/s (README, "The tiny recipe's wall time"). Long sequences keep SDPA's own choice.
 CPU_MATH_UP_TO = 256  # tokens
 
 
