@@ -1460,8 +1460,10 @@ class PeakMemory:
     """Peak bytes allocated inside a `with` block, above what was allocated when it began.
 
     CUDA: the caching allocator's own counter. CPU: the process's resident set, sampled every
-    0.5 ms by a thread (torch ops release the GIL); glibc is told to mmap every block over 128 KiB
-    so that freed tensors really leave the resident set instead of hiding in malloc's free lists."""
+    0.5 ms by a thread (torch ops release the GIL; the interpreter is asked to switch threads every
+    0.1 ms, so a block that is one Python loop of small ops is sampled too). glibc first returns its
+    free lists to the system and then mmaps every block over 128 KiB, so that what the block allocates
+    shows in the resident set and what it frees leaves it (see `malloc_mode`)."""
 
     def __init__(self, device):
         self.device, self.peak = device, 0
@@ -1473,7 +1475,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
             return self
-        set_mmap_threshold()
+        malloc_mode("measure")
+        self.switch = sys.getswitchinterval()
+        sys.setswitchinterval(1e-4)
         self.base = self.rss()
         self.running = True
         self.thread = threading.Thread(target=self.sample, daemon=True)
@@ -1498,14 +1502,32 @@ class PeakMemory:
             self.running = False
             self.thread.join()
             self.peak = max(self.peak, self.rss() - self.base)
+            sys.setswitchinterval(self.switch)
+            malloc_mode("time")
 
 
-def set_mmap_threshold():
+def malloc_mode(mode: str):
+    """How glibc serves the large CPU tensors of a benchmark.
+
+    "time": blocks up to 32 MiB come from the heap and freed memory stays there (no trimming), so after
+    the warm-up calls a reference and a candidate reuse pages they already touched. Without this every
+    tensor over 128 KiB is a fresh mmap whose first-touch page faults cost more than a memory-bound merge
+    itself, by an amount that moves from one process to the next (two runs of the quick bench disagreed
+    on every merge ratio). "measure": the free lists go back to the system and every block over 128 KiB
+    is its own mmap, so the resident set rises and falls with what is allocated (PeakMemory)."""
     try:
         import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD = 128 KiB, fixed
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: the allocator's defaults stand
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    if mode == "measure":
+        libc.malloc_trim(0)
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 17)
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 17)
+    else:
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 25)   # glibc's largest allowed value on 64-bit
+        libc.mallopt(M_TRIM_THRESHOLD, 1 << 62)
 
 
 class Paired(NamedTuple):
@@ -1535,9 +1557,11 @@ def paired_seconds(ref_fn, fn, device, pairs, warmup=2) -> Paired:
 
 
 def peak_bytes(fn, device):
-    """Peak extra bytes of one call."""
+    """Peak extra bytes of one call, its result held until the measurement ends (a result dropped at once
+    would leave only the sampler's chance of seeing it)."""
     with PeakMemory(device) as mem:
-        fn()
+        result = fn()
+    del result
     return mem.peak
 
 
@@ -1750,6 +1774,7 @@ def run_bench(args):
     # (image size, patch, depth, batch, repeats) of the vision-route and pre-training comparisons
     vision = (32, 8, 2, 8, repeats) if args.quick else ((224, 16, 12, 64 if device.type == "cuda" else 8, repeats))
     rows = []
+    malloc_mode("time")  # CPU tensors reuse touched pages between timed calls (PeakMemory switches per use)
     bench_vision(args, device, vision, rows)
     archs = [args.arch] if args.quick else ["vit_tiny", "vit_base"]
     for arch in archs:
