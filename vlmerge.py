@@ -1527,7 +1527,7 @@ def malloc_mode(mode: str):
         libc.mallopt(M_TRIM_THRESHOLD, 1 << 17)
     else:
         libc.mallopt(M_MMAP_THRESHOLD, 1 << 25)   # glibc's largest allowed value on 64-bit
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 62)
+        libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)  # mallopt takes a C int: 1 << 62 would wrap to 0
 
 
 class Paired(NamedTuple):
@@ -1538,19 +1538,28 @@ class Paired(NamedTuple):
     hi: float
 
 
-def timed(fn, device):
+def timed(fn, device, calls=1):
+    """Seconds per call of `fn`, over `calls` calls back to back."""
     sync(device)
     start = time.perf_counter()
-    fn()
+    for _ in range(calls):
+        fn()
     sync(device)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / calls
+
+
+MIN_SAMPLE_S = 0.025  # one timing sample lasts at least this long (timeit's autorange, shorter)
 
 
 def paired_seconds(ref_fn, fn, device, pairs, warmup=2) -> Paired:
-    """Time `ref_fn` and `fn` in alternation, `pairs` times, after `warmup` calls of each."""
+    """Time `ref_fn` and `fn` in alternation, `pairs` times, after `warmup` calls of each.
+
+    A call shorter than MIN_SAMPLE_S is repeated within its sample (a 2 ms reduction timed once is
+    mostly timer and scheduler noise); the repeat counts are fixed from the last warm-up call."""
     for _ in range(warmup):
         ref_fn(), fn()
-    times = [(timed(ref_fn, device), timed(fn, device)) for _ in range(pairs)]
+    ref_calls, calls = (max(1, math.ceil(MIN_SAMPLE_S / max(timed(f, device), 1e-6))) for f in (ref_fn, fn))
+    times = [(timed(ref_fn, device, ref_calls), timed(fn, device, calls)) for _ in range(pairs)]
     ratios = [ours / ref for ref, ours in times]
     return Paired(statistics.median(r for r, _ in times), statistics.median(o for _, o in times),
                   statistics.median(ratios), min(ratios), max(ratios))
@@ -1701,7 +1710,7 @@ def bench_merge(args, device, arch, rows, repeats):
                "dare": {"p": 0.9, "lam": 0.5, "seed": 0, "init_state": init}}
     for method, options in methods.items():
         run = lambda: merge.merge_modalities(state, method, **options)  # noqa: E731
-        t = paired_seconds(copy, run, device, max(1, repeats // 2))
+        t = paired_seconds(copy, run, device, repeats)
         target = "≤ 2× time, ≤ 1.2× ckpt memory" if method == "interpolation" else ""
         rows.append([f"merge_modalities {method}", f"{arch} msa", f"{1000 * t.ours:.0f} ms",
                      f"copy {1000 * t.ref:.0f} ms; peak +{peak_bytes(run, device) / size:.2f}× ckpt", t, target])
@@ -1725,15 +1734,17 @@ def bench_merge(args, device, arch, rows, repeats):
 
 
 def bench_distances(device, state, rows, repeats):
-    """The four Sec. 7 metrics between the v and l experts; memory in units of the largest tensor."""
+    """The four Sec. 7 metrics between the v and l experts; peak memory in MiB and in copies of one expert
+    set (the target: no flattened copies of the weights; the temporaries are bounded by merge._CHUNK)."""
     a, b = merge.modality_weights(state)
-    largest = max(v.numel() * v.element_size() for v in a.values())
+    weights = sum(v.numel() * v.element_size() for v in a.values())
     reference = lambda: sum(float((x - y).pow(2).sum()) for x, y in zip(a.values(), b.values()))  # noqa: E731
     for name, metric in METRICS.items():
-        t = paired_seconds(reference, lambda: metric(a, b), device, max(1, repeats // 2))
+        t = paired_seconds(reference, lambda: metric(a, b), device, repeats)
+        peak = peak_bytes(lambda: metric(a, b), device)
         rows.append([f"distance {name}", f"{sum(v.numel() for v in a.values()) / 1e6:.1f}M weights",
                      f"{1000 * t.ours:.0f} ms", f"Σ(a−b)² {1000 * t.ref:.0f} ms; "
-                     f"peak +{peak_bytes(lambda: metric(a, b), device) / largest:.1f}× largest tensor", t,
+                     f"peak +{peak / 2**20:.0f} MiB = {peak / weights:.2f}× the weights", t,
                      "≤ ~2 extra copies" if name == "tssd" else ""])
 
 
@@ -1741,7 +1752,7 @@ def bench_data(args, rows, repeats):
     """Synthetic images drawn per second, and collated pre-training batches with DataLoader workers."""
     world = data.SyntheticWorld(seed=0, image_size=32)
     n = 256 if args.quick else 4096
-    t = median_seconds(lambda: world.generate(n, seed=1), torch.device("cpu"), max(1, repeats // 2), warmup=1)
+    t = median_seconds(lambda: world.generate(n, seed=1), torch.device("cpu"), repeats, warmup=1)
     rows.append(["synthetic world", f"{n} scenes, 32 px", f"{n / t:.0f} img/s", "", None, "thousands/s"])
     dataset = world.dataset("pretrain", "train")
     collate = data.Collator(world.tokenizer(), max_len=32, image_size=32, train=True)
@@ -1750,7 +1761,7 @@ def bench_data(args, rows, repeats):
     def consume(workers):
         loader = torch.utils.data.DataLoader(dataset, 64, shuffle=True, collate_fn=collate, num_workers=workers)
         return lambda: [None for _, _batch in zip(range(n_batches), loader)]
-    t = paired_seconds(consume(0), consume(2), torch.device("cpu"), max(1, repeats // 2), warmup=0)
+    t = paired_seconds(consume(0), consume(2), torch.device("cpu"), repeats, warmup=0)
     rows.append(["loader (RandAugment + MLM)", "2 workers", f"{n_batches * 64 / t.ours:.0f} samples/s",
                  f"0 workers {n_batches * 64 / t.ref:.0f}/s", t, "time ratio < 1"])
 

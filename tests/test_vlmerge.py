@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -346,13 +347,45 @@ def test_bench_quick_prints_a_table_with_finite_ratios(tmp_path):
 
 
 def test_bench_ratio_is_the_median_of_interleaved_pairs(monkeypatch):
-    calls, durations = [], iter([1.0, 2.0, 10.0, 30.0, 2.0, 3.0])  # (ref, ours) x 3 pairs, timed in turn
-    monkeypatch.setattr(vlmerge, "timed", lambda fn, device: (fn(), next(durations))[1])
+    # durations: one probe of each side (ref 1 s, ours 0.005 s), then (ref, ours) × 3 pairs in turn
+    calls, timings = [], []
+    durations = iter([1.0, 0.005, 1.0, 2.0, 10.0, 30.0, 2.0, 3.0])
+
+    def fake_timed(fn, device, calls=1):
+        fn()
+        timings.append(calls)
+        return next(durations)
+    monkeypatch.setattr(vlmerge, "timed", fake_timed)
     t = vlmerge.paired_seconds(lambda: calls.append("ref"), lambda: calls.append("ours"), torch.device("cpu"),
                                pairs=3, warmup=1)
-    assert calls == ["ref", "ours"] * 4  # one warm-up pair, then strictly alternating
+    assert calls == ["ref", "ours"] * 5  # one warm-up pair, one probe pair, then strictly alternating
+    # a side faster than MIN_SAMPLE_S is repeated within its sample: 0.025 s / 0.005 s = 5 calls
+    assert timings == [1, 1] + [1, 5] * 3
     # pair ratios 2, 3, 1.5: median 2, range 1.5-3; a slow pair (10 s / 30 s) moves both sides together
     assert (t.ratio, t.lo, t.hi, t.ref, t.ours) == (2.0, 1.5, 3.0, 2.0, 3.0)
+
+
+def test_timed_is_seconds_per_call():
+    n = []
+    assert vlmerge.timed(lambda: (n.append(1), time.sleep(0.01)), torch.device("cpu"), calls=3) >= 0.01
+    assert len(n) == 3
+
+
+def test_timing_mode_keeps_freed_tensors_in_the_heap_for_reuse():
+    # In malloc_mode("time") a freed tensor's pages stay resident, so the next timed call reuses touched memory
+    # instead of paying first-touch page faults (whose cost differs from process to process). A trim threshold
+    # handed to mallopt as 1 << 62 wraps to 0 in its C int and returned them at once. A fresh process: in this
+    # one, whatever pytest allocated above the tensors would pin the heap's top and hide a trim.
+    script = ("import torch, vlmerge\n"
+              "vlmerge.malloc_mode('time')\n"
+              "held = [torch.ones(1 << 20) for _ in range(16)]\n"   # 16 × 4 MiB, all touched
+              "before = vlmerge.PeakMemory.rss()\n"
+              "del held\n"
+              "print((before - vlmerge.PeakMemory.rss()) / 2**20)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout) < 8  # MiB given back on free
 
 
 def test_peak_memory_sees_an_allocation_that_reuses_pages_freed_by_timed_calls():
