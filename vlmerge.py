@@ -1464,7 +1464,7 @@ class PeakMemory:
     0.5 ms by a thread (torch ops release the GIL; the interpreter is asked to switch threads every
     0.1 ms, so a block that is one Python loop of small ops is sampled too). glibc first returns its
     free lists to the system and then mmaps every block over 128 KiB, so that what the block allocates
-    shows in the resident set and what it frees leaves it (see `malloc_mode`)."""
+    shows in the resident set and what it frees leaves it (see `train.malloc_mode`)."""
 
     def __init__(self, device):
         self.device, self.peak = device, 0
@@ -1476,7 +1476,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
             return self
-        malloc_mode("measure")
+        train.malloc_mode("measure")
         self.switch = sys.getswitchinterval()
         sys.setswitchinterval(1e-4)
         self.base = self.rss()
@@ -1504,31 +1504,7 @@ class PeakMemory:
             self.thread.join()
             self.peak = max(self.peak, self.rss() - self.base)
             sys.setswitchinterval(self.switch)
-            malloc_mode("time")
-
-
-def malloc_mode(mode: str):
-    """How glibc serves the large CPU tensors of a benchmark.
-
-    "time": blocks up to 32 MiB come from the heap and freed memory stays there (no trimming), so after
-    the warm-up calls a reference and a candidate reuse pages they already touched. Without this every
-    tensor over 128 KiB is a fresh mmap whose first-touch page faults cost more than a memory-bound merge
-    itself, by an amount that moves from one process to the next (two runs of the quick bench disagreed
-    on every merge ratio). "measure": the free lists go back to the system and every block over 128 KiB
-    is its own mmap, so the resident set rises and falls with what is allocated (PeakMemory)."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: the allocator's defaults stand
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    if mode == "measure":
-        libc.malloc_trim(0)
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 17)
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 17)
-    else:
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 25)   # glibc's largest allowed value on 64-bit
-        libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)  # mallopt takes a C int: 1 << 62 would wrap to 0
+            train.malloc_mode("reuse")
 
 
 class Paired(NamedTuple):
@@ -1786,7 +1762,7 @@ def run_bench(args):
     # (image size, patch, depth, batch, repeats) of the vision-route and pre-training comparisons
     vision = (32, 8, 2, 8, repeats) if args.quick else ((224, 16, 12, 64 if device.type == "cuda" else 8, repeats))
     rows = []
-    malloc_mode("time")  # CPU tensors reuse touched pages between timed calls (PeakMemory switches per use)
+    train.malloc_mode("reuse")  # timed calls reuse touched pages, as training does (PeakMemory switches per use)
     bench_vision(args, device, vision, rows)
     archs = [args.arch] if args.quick else ["vit_tiny", "vit_base"]
     for arch in archs:

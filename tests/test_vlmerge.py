@@ -372,12 +372,12 @@ def test_timed_is_seconds_per_call():
 
 
 def test_timing_mode_keeps_freed_tensors_in_the_heap_for_reuse():
-    # In malloc_mode("time") a freed tensor's pages stay resident, so the next timed call reuses touched memory
+    # In malloc_mode("reuse") a freed tensor's pages stay resident, so the next step or timed call reuses touched memory
     # instead of paying first-touch page faults (whose cost differs from process to process). A trim threshold
     # handed to mallopt as 1 << 62 wraps to 0 in its C int and returned them at once. A fresh process: in this
     # one, whatever pytest allocated above the tensors would pin the heap's top and hide a trim.
-    script = ("import torch, vlmerge\n"
-              "vlmerge.malloc_mode('time')\n"
+    script = ("import torch, train, vlmerge\n"
+              "train.malloc_mode('reuse')\n"
               "held = [torch.ones(1 << 20) for _ in range(16)]\n"   # 16 × 4 MiB, all touched
               "before = vlmerge.PeakMemory.rss()\n"
               "del held\n"
@@ -389,13 +389,13 @@ def test_timing_mode_keeps_freed_tensors_in_the_heap_for_reuse():
 
 
 def test_peak_memory_sees_an_allocation_that_reuses_pages_freed_by_timed_calls():
-    # bench times in malloc_mode("time"): freed tensors stay in glibc's heap, and a later allocation reuses
+    # bench times in malloc_mode("reuse"): freed tensors stay in glibc's heap, and a later allocation reuses
     # them without growing the resident set. PeakMemory must still see it (before it trimmed the heap, the
     # quick bench's 90 MiB state-dict copy read "peak +0.00× ckpt"). The result is held until the end.
     state = {i: torch.randn(1 << 20) for i in range(16)}                      # 16 × 4 MiB
     size = 16 * (1 << 20) * 4
     copy = lambda: {k: v.clone() for k, v in state.items()}  # noqa: E731
-    vlmerge.malloc_mode("time")
+    train.malloc_mode("reuse")
     for _ in range(3):
         copy()                                                                 # pages now in the free lists
     assert 0.95 * size <= vlmerge.peak_bytes(copy, torch.device("cpu")) <= 1.5 * size
