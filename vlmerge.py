@@ -108,7 +108,7 @@ PRESETS = {
                     alphas=(0.0, 0.5, 1.0), lams=(0.5, 1.0), gammas=(0.5, 1.0),
                     finetune={"vqa": 3, "retrieval": 3, "nlvr2": 2, "cls": 2, "seg": 2}, finetune_lr=1e-3,
                     finetune_seeds=2, finetune_sweeps=True),
-    # the README's headline reproduction: 14 min wall on 2 CPU cores, 35 min with --seeds 3 (README, "Results");
+    # the README's headline reproduction: 13 min wall on 2 CPU cores, 35 min with --seeds 3 (README, "Results");
     # K_seed/K = 0.875 costs 38 msa steps and makes 5 points per pre-training seed for Table 5's r (15 with
     # --seeds 3); VQA: 300 steps at its own lr with a 10x head (at 150 steps and 5e-4 it collapsed to one answer)
     # init_steps=0: a random W⁰, because every image-only W⁰ we built (classification, multi-label,

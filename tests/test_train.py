@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train
+from conftest import fresh_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -327,10 +328,7 @@ def test_a_cpu_training_step_in_reuse_mode_does_not_fault_its_activations_in_aga
               "f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
               "for _ in range(3): step()\n"
               "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert proc.returncode == 0, proc.stderr
-    assert int(proc.stdout) < 20_000  # faults in 3 steps (seen: 0, once 5 832); glibc's defaults: ~150 000
+    assert int(fresh_python(script)) < 20_000  # faults in 3 steps (seen: 0, once 5 832); glibc's defaults: ~150 000
 
 
 def test_fit_puts_glibc_in_reuse_mode(tmp_path, monkeypatch):
