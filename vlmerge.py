@@ -15,8 +15,8 @@ parent changed is made anew, and so is everything downstream of it:
   0. init      the shared starting point W⁰, a timm-format ViT file loaded through model.load_vit_weights:
                the paper uses BEiT (`--init`, required by `paper`); stage 0 stands in for it by training a
                plain ViT on the synthetic images (shape classification, `init_steps`; `smoke` runs it); `tiny`
-               saves a random ViT instead (init_steps=0): the classification W⁰ slows VL learning at that
-               scale (README, "Departures", has the measurements).
+               saves a random ViT instead (init_steps=0): every image-only W⁰ we built slows VL learning at
+               that scale (README, "Departures", has the measurements).
   1. Table 1   maa and msa pre-trained from W⁰; the merging baseline = that msa, interpolated α=0.5.
   2. Fig. 3    seed pre-training: maa for K_seed steps, then msa from it for K_VL, K_seed + K_VL = K.
                The maa seeds are snapshots of the maa run of step 1 at step K_seed (train.py --keep-at):
@@ -1444,17 +1444,20 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def timed(fn, device, calls=1):
+    """Seconds per call of `fn`, over `calls` calls back to back."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / calls
+
+
 def median_seconds(fn, device, repeats, warmup=2):
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn, device) for _ in range(repeats))
 
 
 class PeakMemory:
@@ -1513,16 +1516,6 @@ class Paired(NamedTuple):
     ratio: float   # median over the pairs of ours / ref
     lo: float      # min and max of the pair ratios
     hi: float
-
-
-def timed(fn, device, calls=1):
-    """Seconds per call of `fn`, over `calls` calls back to back."""
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    sync(device)
-    return (time.perf_counter() - start) / calls
 
 
 MIN_SAMPLE_S = 0.025  # one timing sample lasts at least this long (timeit's autorange, shorter)

@@ -17,9 +17,9 @@ import data
 import merge
 import train
 import vlmerge
+from conftest import ROOT
 from model import build_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T = vlmerge.TEMPORAL_PRESETS["smoke"].num_tasks
 
 

@@ -15,9 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train
-from conftest import fresh_python
+from conftest import ROOT, fresh_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # --- losses against hand computation ---------------------------------------------------------------
 
@@ -336,8 +335,8 @@ def test_fit_puts_glibc_in_reuse_mode(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "malloc_mode", modes.append)
     train.run(TINY + ["--steps", "1", "--batch-size", "4", "--precision", "fp32", "--out", str(tmp_path / "r")])
     assert modes == ["reuse"]
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="unknown mode 'fast'"):
-        monkeypatch.undo()
         train.malloc_mode("fast")
 
 
